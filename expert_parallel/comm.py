@@ -1,0 +1,121 @@
+"""Process-group plumbing: the autograd all-to-all, count exchange, start-up checks, set-up and teardown.
+
+The only module on the layer's path that imports torch.distributed. Every
+collective takes the group it runs on; tensors stay on the device they came
+from, so gloo (CPU) and NCCL (CUDA) run the same code.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def rank_and_size(group: dist.ProcessGroup | None) -> tuple[int, int]:
+    """(rank in group, group size); (0, 1) for no group."""
+    if group is None:
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_single with uneven splits; its backward is the reverse exchange."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, output_splits: list[int], input_splits: list[int], group) -> Tensor:
+        ctx.splits = (output_splits, input_splits)
+        ctx.group = group
+        out = x.new_empty((sum(output_splits), *x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        output_splits, input_splits = ctx.splits
+        grad_in = grad_out.new_empty((sum(input_splits), *grad_out.shape[1:]))
+        dist.all_to_all_single(grad_in, grad_out.contiguous(), input_splits, output_splits, group=ctx.group)
+        return grad_in, None, None, None
+
+
+def all_to_all(x: Tensor, output_splits: list[int], input_splits: list[int], group) -> Tensor:
+    """Send x's rows split by `input_splits` to the ranks of `group`; receive `output_splits` rows."""
+    return _AllToAll.apply(x, output_splits, input_splits, group)
+
+
+def exchange_counts(
+    rows_per_expert_E: Tensor, status: list[int], group: dist.ProcessGroup
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Rows every rank will send this rank per local expert, and every rank's status.
+
+    Returns rows_from[p][j] (rows rank p sends for local expert j) and
+    status_from[p] (the `status` ints rank p passed). Host ints.
+    NOTE: counts go first, in a fixed-size exchange, because the token
+    all-to-all needs every rank's split sizes and ranks may hold any number
+    of tokens, including none. The status rides along so that a rank with
+    bad input can make every rank fail instead of leaving them waiting. Host sync.
+    """
+    size = dist.get_world_size(group)
+    status_P = torch.tensor(status, dtype=torch.long, device=rows_per_expert_E.device).expand(size, -1)
+    send_P = torch.cat([rows_per_expert_E.view(size, -1), status_P], dim=1).contiguous()
+    received_P = torch.empty_like(send_P)
+    dist.all_to_all_single(received_P, send_P, group=group)
+    rows = received_P.tolist()
+    return [row[: -len(status)] for row in rows], [row[-len(status) :] for row in rows]
+
+
+def agree_on_init(config_dict: dict, seed: int, group: dist.ProcessGroup | None) -> int:
+    """Check that every rank of `group` built the same config; return group rank 0's seed.
+
+    Run once at construction: ranks with different configs would otherwise
+    hang or exchange garbage in the first all-to-all.
+    """
+    if group is None or dist.get_world_size(group) == 1:
+        return seed
+    gathered: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, (config_dict, seed), group=group)
+    first, _ = gathered[0]
+    for rank, (other, _) in enumerate(gathered):
+        differing = [k for k in first if first[k] != other.get(k)]
+        if differing:
+            details = ", ".join(
+                f"{k}: rank 0 has {first[k]!r}, rank {rank} has {other.get(k)!r}" for k in differing
+            )
+            raise ValueError(f"MoELayer configs differ across the ranks of the group ({details})")
+    return gathered[0][1]
+
+
+def init_distributed(backend: str | None = None, timeout: timedelta = timedelta(minutes=5)) -> torch.device:
+    """Initialise the default process group from torchrun's environment; return this rank's device.
+
+    backend None: NCCL with one GPU per local rank where CUDA is available, gloo on CPU otherwise.
+    """
+    use_cuda = torch.cuda.is_available() if backend is None else backend == "nccl"
+    backend = backend or ("nccl" if use_cuda else "gloo")
+    device = torch.device("cpu")
+    if use_cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=timeout)
+    return device
+
+
+def shutdown() -> None:
+    """Tear down the default process group so that the process exits cleanly.
+
+    NOTE: a gloo process that exits while autograd graphs still reference the
+    group can abort (SIGABRT, "terminate called without an active exception").
+    Collect those graphs, wait for every rank, then destroy the group. Call it
+    in a `finally`.
+    """
+    gc.collect()
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()

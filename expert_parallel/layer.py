@@ -1,0 +1,183 @@
+"""MoELayer: route -> permute -> exchange -> experts -> exchange back -> combine.
+
+Legend: T tokens on this rank, D d_model, O d_out, E experts, e local experts,
+P ranks in the group, R rows this rank sends (kept assignments), S rows it
+receives for its own experts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from . import comm
+from .config import MoEConfig
+from .dispatch import (
+    DispatchPlan,
+    combine,
+    inverse_permutation,
+    permute,
+    plan_dispatch,
+    source_to_expert_order,
+)
+from .experts import Experts, uniform_
+from .router import Routing, route
+
+
+@dataclass(frozen=True)
+class RoutingStats:
+    """What the last forward did with this rank's tokens.
+
+    tokens_per_expert: [E] kept assignments per global expert (this rank's tokens).
+    num_routed: T * K assignments made;  num_dropped: those over capacity.
+    capacity: per-expert capacity used (None when dropless).
+    rows_sent_to_other_ranks: rows this rank's forward all-to-all sent away
+        (the same number comes back in the second exchange).
+    """
+
+    tokens_per_expert: Tensor
+    num_routed: int
+    num_dropped: int
+    capacity: int | None
+    rows_sent_to_other_ranks: int
+
+
+class MoELayer(nn.Module):
+    """Mixture-of-Experts feed-forward, experts sharded over `group`.
+
+    forward(x [..., D]) -> [..., O]. Rank r of a group of P holds global
+    experts r*E/P ... (r+1)*E/P - 1. With group None (or of size 1) it holds
+    all E experts: that single-process layer is the definition of correct.
+    After forward: `aux_loss` (coefficients applied, add it to the loss) and
+    `stats` (a RoutingStats).
+
+    Initialisation depends only on the seed drawn from the default generator
+    of group rank 0, not on the layout: after torch.manual_seed(s), a layer
+    over P ranks holds exactly its slice of the experts a group=None layer
+    would hold, and every rank holds the same router.
+    """
+
+    def __init__(self, config: MoEConfig, group=None):
+        super().__init__()
+        rank, size = comm.rank_and_size(group)
+        if config.num_experts % size:
+            raise ValueError(
+                f"MoEConfig.num_experts={config.num_experts} is not divisible by the group size {size}"
+            )
+        self.config = config
+        self.group = group if size > 1 else None
+        self.rank, self.group_size = rank, size
+        self.num_local_experts = config.num_experts // size
+        self.first_expert = rank * self.num_local_experts
+        self.router = nn.Linear(config.d_model, config.num_experts, bias=config.router_bias)
+        self.experts = Experts(config, self.num_local_experts)
+        seed = int(torch.randint(0, 2**62, ()))
+        self.reset_parameters(comm.agree_on_init(config.to_dict(), seed, self.group))
+        self.aux_loss: Tensor | None = None
+        self.stats: RoutingStats | None = None
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int) -> None:
+        """Router from `seed`; global expert g from `seed + 1 + g`."""
+        bound = 1.0 / self.config.d_model**0.5
+        generator = torch.Generator().manual_seed(seed)
+        uniform_(self.router.weight, bound, generator)
+        if self.router.bias is not None:
+            uniform_(self.router.bias, bound, generator)
+        for local_id in range(self.num_local_experts):
+            generator.manual_seed(seed + 1 + self.first_expert + local_id)
+            self.experts.reset_expert(local_id, generator)
+
+    def forward(self, x: Tensor) -> Tensor:
+        config = self.config
+        problem = _input_problem(x, config)
+        routing = None
+        if problem is None:
+            x_TD = x.reshape(-1, config.d_model)
+            try:
+                routing = route(self.router(x_TD), config)
+            except ValueError as err:
+                problem = (ValueError, str(err))
+        if self.group is None:
+            if problem is not None:
+                raise problem[0](f"MoELayer: {problem[1]}")
+            plan = plan_dispatch(routing)
+            y_RO, rows_away = self.experts(permute(x_TD, plan), plan.rows_per_expert), 0
+        else:
+            rows_from_Pe = self._exchange_counts(x, routing, problem)
+            plan = plan_dispatch(routing)
+            y_RO, rows_away = self._run_on_owners(permute(x_TD, plan), plan, rows_from_Pe)
+        out_TO = combine(y_RO, routing.weights, plan)
+        self.aux_loss = config.aux_loss_coef * routing.aux_loss + config.z_loss_coef * routing.z_loss
+        self.stats = RoutingStats(
+            tokens_per_expert=routing.tokens_per_expert.detach(),
+            num_routed=routing.keep.numel(),
+            num_dropped=routing.keep.numel() - plan.num_rows,
+            capacity=routing.capacity,
+            rows_sent_to_other_ranks=rows_away,
+        )
+        return out_TO.view(*x.shape[:-1], config.d_out)
+
+    def _exchange_counts(
+        self, x: Tensor, routing: Routing | None, problem: tuple[type, str] | None
+    ) -> list[list[int]]:
+        """Exchange row counts, and fail on every rank at once if any rank's input is bad."""
+        if routing is None:
+            rows_per_expert_E = torch.zeros(self.config.num_experts, dtype=torch.long, device=x.device)
+        else:
+            rows_per_expert_E = routing.tokens_per_expert
+        dtype_code = _DTYPE_CODES.get(x.dtype, -1) if isinstance(x, Tensor) else -1
+        rows_from_Pe, status_P = comm.exchange_counts(
+            rows_per_expert_E, [int(problem is not None), dtype_code], self.group
+        )
+        where = f"MoELayer on rank {self.rank} of {self.group_size}"
+        if problem is not None:
+            raise problem[0](f"{where}: {problem[1]}")
+        bad_ranks = [p for p, (failed, _) in enumerate(status_P) if failed]
+        if bad_ranks:
+            raise ValueError(f"{where}: rank(s) {bad_ranks} of the group got invalid input (see their error)")
+        dtypes = {p: _DTYPES[code] for p, (_, code) in enumerate(status_P)}
+        if len(set(dtypes.values())) > 1:
+            raise TypeError(f"{where}: ranks send tokens of different dtypes: {dtypes}")
+        return rows_from_Pe
+
+    def _run_on_owners(
+        self, x_RD: Tensor, plan: DispatchPlan, rows_from_Pe: list[list[int]]
+    ) -> tuple[Tensor, int]:
+        """Send rows to the ranks owning their experts, run them there, bring the outputs back."""
+        size, e = self.group_size, self.num_local_experts
+        send_splits = [sum(plan.rows_per_expert[p * e : (p + 1) * e]) for p in range(size)]
+        recv_splits = [sum(row) for row in rows_from_Pe]
+        x_SD = comm.all_to_all(x_RD, recv_splits, send_splits, self.group)
+        rows_per_local_expert = [sum(column) for column in zip(*rows_from_Pe)]
+        if e == 1:
+            y_SO = self.experts(x_SD, rows_per_local_expert)
+        else:
+            by_expert_S = source_to_expert_order(rows_from_Pe, x_SD.device)
+            y_SO = self.experts(x_SD.index_select(0, by_expert_S), rows_per_local_expert)
+            y_SO = y_SO.index_select(0, inverse_permutation(by_expert_S))
+        y_RO = comm.all_to_all(y_SO, send_splits, recv_splits, self.group)
+        return y_RO, plan.num_rows - send_splits[self.rank]
+
+    def extra_repr(self) -> str:
+        return (
+            f"experts {self.first_expert}..{self.first_expert + self.num_local_experts - 1} "
+            f"of {self.config.num_experts} on rank {self.rank} of {self.group_size}"
+        )
+
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_DTYPE_CODES = {dtype: code for code, dtype in enumerate(_DTYPES)}
+
+
+def _input_problem(x: object, config: MoEConfig) -> tuple[type, str] | None:
+    """(exception class, message) for an input the layer cannot take, else None."""
+    if not isinstance(x, Tensor):
+        return TypeError, f"expects a torch.Tensor, got {type(x).__name__}"
+    if not x.is_floating_point():
+        return TypeError, f"expects a floating-point input, got {x.dtype}"
+    if x.dim() == 0 or x.shape[-1] != config.d_model:
+        return ValueError, f"expects input [..., d_model={config.d_model}], got {tuple(x.shape)}"
+    return None
