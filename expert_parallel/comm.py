@@ -8,6 +8,7 @@ from, so gloo (CPU) and NCCL (CUDA) run the same code.
 from __future__ import annotations
 
 import gc
+import json
 import os
 from datetime import timedelta
 
@@ -76,17 +77,34 @@ def agree_on_init(config_dict: dict, seed: int, group: dist.ProcessGroup | None)
     """
     if group is None or dist.get_world_size(group) == 1:
         return seed
-    gathered: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(gathered, (config_dict, seed), group=group)
-    first, _ = gathered[0]
-    for rank, (other, _) in enumerate(gathered):
+    gathered = _all_gather_json({"config": config_dict, "seed": seed}, group)
+    first = gathered[0]["config"]
+    for rank, other in enumerate(entry["config"] for entry in gathered):
         differing = [k for k in first if first[k] != other.get(k)]
         if differing:
             details = ", ".join(
                 f"{k}: rank 0 has {first[k]!r}, rank {rank} has {other.get(k)!r}" for k in differing
             )
             raise ValueError(f"MoELayer configs differ across the ranks of the group ({details})")
-    return gathered[0][1]
+    return gathered[0]["seed"]
+
+
+def _all_gather_json(value: object, group: dist.ProcessGroup) -> list:
+    """all_gather of a JSON-able value, as bytes in tensors.
+
+    NOTE: not all_gather_object, which needs numpy and unpickles what peers send.
+    """
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
+    payload = torch.tensor(list(json.dumps(value, sort_keys=True).encode()), dtype=torch.uint8, device=device)
+    size = dist.get_world_size(group)
+    lengths = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(size)]
+    dist.all_gather(lengths, torch.tensor([payload.numel()], device=device), group=group)
+    longest = max(int(n) for n in lengths)
+    padded = torch.zeros(longest, dtype=torch.uint8, device=device)
+    padded[: payload.numel()] = payload
+    buffers = [torch.empty_like(padded) for _ in range(size)]
+    dist.all_gather(buffers, padded, group=group)
+    return [json.loads(bytes(b[: int(n)].tolist())) for b, n in zip(buffers, lengths)]
 
 
 def init_distributed(backend: str | None = None, timeout: timedelta = timedelta(minutes=5)) -> torch.device:

@@ -62,7 +62,7 @@ def combine(y_RO: Tensor, weights_TK: Tensor, plan: DispatchPlan) -> Tensor:
     """
     num_slots = plan.num_tokens * plan.top_k
     slots_NO = y_RO.new_zeros(num_slots, y_RO.shape[-1]).index_copy(0, plan.slot_R, y_RO)
-    slots_TKO = slots_NO.view(plan.num_tokens, plan.top_k, -1)
+    slots_TKO = slots_NO.view(plan.num_tokens, plan.top_k, y_RO.shape[-1])
     return (slots_TKO * weights_TK.to(y_RO.dtype).unsqueeze(-1)).sum(dim=1)
 
 

@@ -92,7 +92,7 @@ class MoELayer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         config = self.config
-        problem = _input_problem(x, config)
+        problem = _input_problem(x, config, self.router.weight)
         routing = None
         if problem is None:
             x_TD = x.reshape(-1, config.d_model)
@@ -172,7 +172,7 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _DTYPE_CODES = {dtype: code for code, dtype in enumerate(_DTYPES)}
 
 
-def _input_problem(x: object, config: MoEConfig) -> tuple[type, str] | None:
+def _input_problem(x: object, config: MoEConfig, weight: Tensor) -> tuple[type, str] | None:
     """(exception class, message) for an input the layer cannot take, else None."""
     if not isinstance(x, Tensor):
         return TypeError, f"expects a torch.Tensor, got {type(x).__name__}"
@@ -180,4 +180,8 @@ def _input_problem(x: object, config: MoEConfig) -> tuple[type, str] | None:
         return TypeError, f"expects a floating-point input, got {x.dtype}"
     if x.dim() == 0 or x.shape[-1] != config.d_model:
         return ValueError, f"expects input [..., d_model={config.d_model}], got {tuple(x.shape)}"
+    if x.device != weight.device:
+        return ValueError, f"input is on {x.device} but the layer's parameters are on {weight.device}"
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        return TypeError, f"input dtype {x.dtype} differs from the layer's parameters ({weight.dtype})"
     return None

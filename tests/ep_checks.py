@@ -1,0 +1,306 @@
+"""Multi-rank contract checks; tests/test_multirank.py runs this on 2 and 4 gloo ranks.
+
+For every rank: the expert-parallel layer's output on its tokens equals that of
+a group=None layer holding all experts applied to those tokens alone; input
+and router gradients are equal; each expert's weight gradient equals the sum
+over ranks of the reference's. Failures are collected rather than raised, so
+every rank keeps running the same collectives; the ranks agree on the verdict
+at the end and exit 1 if any check failed anywhere.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from dataclasses import replace
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from reference_moe import ExpertRouterMoE, SimpleMoE, load_reference  # noqa: E402
+
+import expert_parallel as ep  # noqa: E402
+
+
+class Checks:
+    def __init__(self) -> None:
+        self.count = 0
+        self.failures: list[str] = []
+
+    def true(self, name: str, ok: bool, detail: str = "") -> None:
+        self.count += 1
+        if not ok:
+            self.failures.append(f"{name} {detail}".strip())
+
+    def close(self, name: str, got: torch.Tensor, want: torch.Tensor, tol: float = 2e-5) -> None:
+        same_shape = got.shape == want.shape
+        ok = same_shape and torch.allclose(got, want, rtol=tol, atol=tol)
+        detail = f"shape {tuple(got.shape)} vs {tuple(want.shape)}"
+        if same_shape and got.numel():
+            detail = f"max |diff| {(got - want).abs().max().item():.3g}"
+        self.true(name, ok, detail)
+
+    def equal(self, name: str, got: torch.Tensor, want: torch.Tensor) -> None:
+        self.true(name, got.shape == want.shape and torch.equal(got, want), "(not bitwise equal)")
+
+
+def run_step(layer: ep.MoELayer, x: torch.Tensor, upstream: torch.Tensor):
+    """Forward + backward of (out * upstream).sum() + aux_loss; returns out and the input gradient."""
+    x = x.detach().clone().requires_grad_(True)
+    out = layer(x)
+    ((out * upstream).sum() + layer.aux_loss).backward()
+    return out.detach(), x.grad
+
+
+def token_counts(size: int, zero_rank: bool) -> list[int]:
+    counts = [23 + 11 * r for r in range(size)]
+    if zero_rank:
+        counts[1] = 0
+    return counts
+
+
+def compare_with_reference(checks, name, config, group, seed, zero_rank=False, shape3d=False, scale=1.0):
+    rank, size = dist.get_rank(group), dist.get_world_size(group)
+    torch.manual_seed(seed)
+    reference = ep.MoELayer(config)
+    torch.manual_seed(seed)
+    layer = ep.MoELayer(config, group)
+    local = slice(layer.first_expert, layer.first_expert + layer.num_local_experts)
+
+    # Initialisation depends on the seed only, not on the layout.
+    checks.equal(f"{name}: router init", layer.router.weight, reference.router.weight)
+    for pname, param in layer.experts.named_parameters():
+        checks.equal(f"{name}: init {pname}", param, getattr(reference.experts, pname)[local])
+
+    num_tokens = token_counts(size, zero_rank)[rank]
+    gen = torch.Generator().manual_seed(1000 * seed + rank)
+    x = torch.randn(num_tokens, config.d_model, generator=gen) * scale
+    upstream = torch.randn(num_tokens, config.d_out, generator=gen)
+    if shape3d and num_tokens % 2 == 0:
+        x, upstream = x.view(2, -1, config.d_model), upstream.view(2, -1, config.d_out)
+
+    out_ref, dx_ref = run_step(reference, x, upstream)
+    out, dx = run_step(layer, x, upstream)
+    checks.close(f"{name}: output", out, out_ref)
+    checks.close(f"{name}: input grad", dx, dx_ref)
+    checks.close(f"{name}: aux loss", layer.aux_loss.detach(), reference.aux_loss.detach())
+    checks.equal(
+        f"{name}: tokens per expert", layer.stats.tokens_per_expert, reference.stats.tokens_per_expert
+    )
+    checks.true(f"{name}: dropped", layer.stats.num_dropped == reference.stats.num_dropped)
+    for pname, param in layer.router.named_parameters():
+        checks.close(f"{name}: router grad {pname}", param.grad, getattr(reference.router, pname).grad)
+    for pname, param in layer.experts.named_parameters():
+        summed = getattr(reference.experts, pname).grad.clone()
+        dist.all_reduce(summed, group=group)
+        checks.close(f"{name}: expert grad {pname}", param.grad, summed[local], tol=1e-4)
+    dropped = torch.tensor(layer.stats.num_dropped)
+    dist.all_reduce(dropped, group=group)
+    return layer, x, upstream, int(dropped)
+
+
+def check_contract(checks, group):
+    base = ep.MoEConfig(d_model=16, d_hidden=24, num_experts=8, top_k=2, aux_loss_coef=0.01)
+    cases = [
+        ("dropless top-2 softmax relu", base, {}),
+        ("capacity 1.0 position", replace(base, capacity_factor=1.0, min_capacity=1), {"drops": True}),
+        (
+            "capacity 0.5 probs sigmoid",
+            replace(base, capacity_factor=0.5, min_capacity=1, drop_policy="probs", score_func="sigmoid"),
+            {"drops": True},
+        ),
+        (
+            "top-1 capacity 1.25 d_out 40 gelu",
+            replace(base, top_k=1, d_out=40, capacity_factor=1.25, min_capacity=1, activation="gelu"),
+            {"scale": 3.0, "drops": True},
+        ),
+        (
+            "swiglu no bias sigmoid unnormalised top-3 z-loss",
+            replace(
+                base,
+                top_k=3,
+                activation="swiglu",
+                bias=False,
+                router_bias=False,
+                score_func="sigmoid",
+                normalize_weights=False,
+                z_loss_coef=1e-3,
+            ),
+            {},
+        ),
+        ("dropless silu, zero-token rank, 3-D input", replace(base, activation="silu"), {"zero_rank": True}),
+        (
+            "capacity 1.0 probs, zero-token rank",
+            replace(base, capacity_factor=1.0, min_capacity=1, drop_policy="probs"),
+            {"zero_rank": True, "drops": True},
+        ),
+        ("swiglu with bias top-1 dropless", replace(base, activation="swiglu", top_k=1), {"shape3d": True}),
+    ]
+    for seed, (name, config, opts) in enumerate(cases):
+        expect_drops = opts.pop("drops", False)
+        _, _, _, dropped = compare_with_reference(checks, name, config, group, seed, **opts)
+        checks.true(f"{name}: drops happen anywhere = {expect_drops}", (dropped > 0) == expect_drops)
+
+
+def check_large_capacity_equals_dropless(checks, group):
+    config = ep.MoEConfig(d_model=16, d_hidden=24, num_experts=8, top_k=2)
+    torch.manual_seed(7)
+    dropless = ep.MoELayer(config, group)
+    torch.manual_seed(7)
+    # capacity_factor = E gives C >= T * K: no expert can overflow.
+    roomy = ep.MoELayer(replace(config, capacity_factor=8.0), group)
+    x = torch.randn(40, 16, generator=torch.Generator().manual_seed(dist.get_rank(group)))
+    upstream = torch.ones(40, 16)
+    out_a, dx_a = run_step(dropless, x, upstream)
+    out_b, dx_b = run_step(roomy, x, upstream)
+    checks.equal("large capacity == dropless: output", out_b, out_a)
+    checks.equal("large capacity == dropless: input grad", dx_b, dx_a)
+    checks.equal("large capacity == dropless: w1 grad", roomy.experts.w1.grad, dropless.experts.w1.grad)
+
+
+@torch.no_grad()
+def check_round_robin_placement(checks, group):
+    """Token i of every rank goes to expert i mod E; expert g multiplies by g + 1.
+
+    The router reads a one-hot in the first E features; expert g is eye * (g + 1)
+    with ReLU on positive inputs, so out / x names the expert, and so the rank,
+    that handled each row, and proves every row came back to its own token.
+    """
+    rank = dist.get_rank(group)
+    num_experts, width = 8, 12
+    config = ep.MoEConfig(
+        d_model=width, d_hidden=width, num_experts=num_experts, top_k=1, bias=False, router_bias=False
+    )
+    layer = ep.MoELayer(config, group)
+    layer.router.weight.copy_(torch.eye(num_experts, width))
+    for local_id in range(layer.num_local_experts):
+        layer.experts.w1[local_id].copy_(torch.eye(width) * (layer.first_expert + local_id + 1))
+        layer.experts.w2[local_id].copy_(torch.eye(width))
+    num_tokens = 5 + 7 * rank
+    target = (torch.arange(num_tokens) + rank) % num_experts
+    x = torch.rand(num_tokens, width) + 0.5
+    x[:, :num_experts] += 10 * torch.nn.functional.one_hot(target, num_experts)
+    out = layer(x)
+    checks.close(
+        "round robin: out / x names the expert", out / x, (target + 1).float().unsqueeze(1).expand_as(x)
+    )
+    owner = target // layer.num_local_experts
+    checks.true(
+        "round robin: rows sent away",
+        layer.stats.rows_sent_to_other_ranks == int((owner != rank).sum()),
+        f"{layer.stats.rows_sent_to_other_ranks} vs {int((owner != rank).sum())}",
+    )
+
+
+def check_seed_designs(checks, group):
+    rank = dist.get_rank(group)
+    gen = torch.Generator().manual_seed(100 + rank)
+
+    torch.manual_seed(11)
+    simple = SimpleMoE(num_experts=8, d_model=64, d_hidden=128, top_k=2)
+    layer = ep.MoELayer(ep.MoEConfig(d_model=64, d_hidden=128, num_experts=8, top_k=2), group)
+    load_reference(layer, simple)
+    x = torch.randn(9 + 4 * rank, 64, generator=gen)
+    checks.close("SimpleMoE under EP: output", layer(x), simple(x))
+
+    torch.manual_seed(12)
+    routed = ExpertRouterMoE(d_model=64, d_out=128, num_experts=8, d_hidden=256)
+    config = ep.MoEConfig(d_model=64, d_hidden=256, d_out=128, num_experts=8, top_k=1)
+    layer = ep.MoELayer(config, group)
+    load_reference(layer, routed)
+    x = torch.randn(4 + 5 * rank, 64, generator=gen)
+    checks.close("ExpertRouter MoE under EP: output", layer(x), routed(x))
+
+
+def expect_error(checks, name, error_type, words, build):
+    try:
+        build()
+    except error_type as err:
+        checks.true(name, all(w in str(err) for w in words), f"message {str(err)!r} lacks {words}")
+    else:
+        checks.true(name, False, f"no {error_type.__name__} raised")
+
+
+def check_bad_input(checks, group):
+    rank, size = dist.get_rank(group), dist.get_world_size(group)
+    config = ep.MoEConfig(d_model=16, d_hidden=24, num_experts=8, top_k=2)
+    expect_error(
+        checks,
+        "configs differing across ranks fail at construction",
+        ValueError,
+        ["differ", "top_k"],
+        lambda: ep.MoELayer(replace(config, top_k=1 + (rank == size - 1)), group),
+    )
+    expect_error(
+        checks,
+        "experts not divisible by the group size",
+        ValueError,
+        ["num_experts", "divisible"],
+        lambda: ep.MoELayer(replace(config, num_experts=2 * size + 1), group),
+    )
+    layer = ep.MoELayer(config, group)
+    x = torch.randn(10, 16)
+    bad = x.clone()
+    if rank == size - 1:
+        bad[3, 0] = float("nan")
+    words = ["NaN"] if rank == size - 1 else [f"[{size - 1}]", "invalid input"]
+    expect_error(checks, "NaN on one rank fails on every rank", ValueError, words, lambda: layer(bad))
+    wide = torch.randn(10, 17) if rank == 0 else x
+    words = ["d_model=16"] if rank == 0 else ["[0]", "invalid input"]
+    expect_error(
+        checks, "wrong width on one rank fails on every rank", ValueError, words, lambda: layer(wide)
+    )
+    if rank == 0:
+        expect_error(
+            checks, "input dtype differs from the layer's", TypeError, ["float64"], lambda: layer(x.double())
+        )
+    else:
+        expect_error(
+            checks, "peer's input dtype differs", ValueError, ["[0]", "invalid input"], lambda: layer(x)
+        )
+    doubled = ep.MoELayer(config, group)
+    if rank == 0:
+        doubled.double()
+    mixed = x.double() if rank == 0 else x
+    expect_error(checks, "dtypes differing across ranks", TypeError, ["dtypes"], lambda: doubled(mixed))
+    out, _ = run_step(layer, x, torch.ones(10, 16))
+    checks.true(
+        "layer still works after rejected inputs", out.shape == (10, 16) and bool(out.isfinite().all())
+    )
+
+
+def main() -> int:
+    ep.init_distributed(timeout=timedelta(seconds=60))
+    group = dist.group.WORLD
+    rank = dist.get_rank()
+    checks = Checks()
+    try:
+        for check in (
+            check_contract,
+            check_large_capacity_equals_dropless,
+            check_round_robin_placement,
+            check_seed_designs,
+            check_bad_input,
+        ):
+            check(checks, group)
+        failed = torch.tensor(len(checks.failures))
+        dist.all_reduce(failed)
+        for failure in checks.failures:
+            print(f"rank {rank} FAILED {failure}", flush=True)
+        print(
+            f"rank {rank}: {checks.count - len(checks.failures)} of {checks.count} checks passed", flush=True
+        )
+        return 1 if int(failed) else 0
+    except Exception:
+        traceback.print_exc()
+        return 1
+    finally:
+        ep.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

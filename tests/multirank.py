@@ -1,0 +1,76 @@
+"""Start real ranks of a script on this machine (gloo over loopback) and collect every rank's exit code."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class RankResult:
+    rank: int
+    returncode: int | None  # None: killed at the timeout
+    output: str
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(script: Path, world_size: int, args: list[str] = (), timeout: float = 180) -> list[RankResult]:
+    """Run `script` as `world_size` ranks (the env:// variables torchrun would set); kill all at `timeout`."""
+    port = free_port()
+    procs, logs = [], []
+    for rank in range(world_size):
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            WORLD_SIZE=str(world_size),
+            LOCAL_RANK=str(rank),
+            LOCAL_WORLD_SIZE=str(world_size),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            OMP_NUM_THREADS="1",
+            PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        )
+        log = tempfile.TemporaryFile(mode="w+")
+        procs.append(subprocess.Popen([sys.executable, str(script), *args], stdout=log, stderr=log, env=env))
+        logs.append(log)
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            break
+    results = []
+    for rank, (proc, log) in enumerate(zip(procs, logs)):
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+            code = None
+        else:
+            code = proc.returncode
+        log.seek(0)
+        results.append(RankResult(rank, code, log.read()))
+        log.close()
+    return results
+
+
+def assert_all_ranks_succeeded(results: list[RankResult]) -> None:
+    failed = [r for r in results if r.returncode != 0]
+    if failed:
+        report = "\n".join(
+            f"--- rank {r.rank}: exit code {r.returncode} (None = killed at timeout) ---\n{r.output[-4000:]}"
+            for r in failed
+        )
+        raise AssertionError(f"{len(failed)} of {len(results)} ranks failed\n{report}")

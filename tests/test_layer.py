@@ -1,0 +1,150 @@
+"""The single-process MoELayer: the two starting designs, a per-token loop, shapes and bad input."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from reference_moe import ExpertRouterMoE, SimpleMoE, load_reference
+
+from expert_parallel import MoEConfig, MoELayer, route
+
+
+def test_reproduces_simple_moe_outputs_and_gradients():
+    torch.manual_seed(0)
+    reference = SimpleMoE(num_experts=4, d_model=64, d_hidden=128, top_k=2)
+    layer = MoELayer(MoEConfig(d_model=64, d_hidden=128, num_experts=4, top_k=2))
+    load_reference(layer, reference)
+    x = torch.randn(33, 64)
+    x_ref, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_ref, out = reference(x_ref), layer(x_ours)
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-6)
+    upstream = torch.randn_like(out)
+    (out_ref * upstream).sum().backward()
+    (out * upstream).sum().backward()
+    torch.testing.assert_close(x_ours.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.router.weight.grad, reference.gate.weight.grad, rtol=1e-5, atol=1e-6)
+    for e, expert in enumerate(reference.experts):
+        torch.testing.assert_close(layer.experts.w1.grad[e], expert[0].weight.grad.t(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(layer.experts.b2.grad[e], expert[2].bias.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_reproduces_the_expert_router_moe_with_d_out_128():
+    torch.manual_seed(1)
+    reference = ExpertRouterMoE(d_model=64, d_out=128, num_experts=8, d_hidden=256)
+    layer = MoELayer(MoEConfig(d_model=64, d_hidden=256, d_out=128, num_experts=8, top_k=1))
+    load_reference(layer, reference)
+    x = torch.randn(4, 64)
+    out = layer(x)
+    assert out.shape == (4, 128)
+    torch.testing.assert_close(out, reference(x), rtol=1e-5, atol=1e-6)
+    # top-1 with renormalised weights: the output is exactly the chosen expert's output.
+    chosen = route(layer.router(x), layer.config).expert_ids[:, 0]
+    for t, e in enumerate(chosen.tolist()):
+        alone = layer.experts(x[t : t + 1], [1 if g == e else 0 for g in range(8)])
+        assert torch.equal(out[t], alone[0])
+
+
+def loop_reference(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
+    """Per token, per kept choice: weight * expert(x), written out from the stacked weights."""
+    cfg, ex = layer.config, layer.experts
+    act = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "swiglu": F.silu}[cfg.activation]
+    routing = route(layer.router(x), cfg)
+    out = x.new_zeros(x.shape[0], cfg.d_out)
+    for t in range(x.shape[0]):
+        for k in range(cfg.top_k):
+            if not routing.keep[t, k]:
+                continue
+            e = routing.expert_ids[t, k]
+            h = x[t] @ ex.w1[e] + (ex.b1[e] if cfg.bias else 0)
+            h = act(h)
+            if cfg.activation == "swiglu":
+                h = h * (x[t] @ ex.w3[e] + (ex.b3[e] if cfg.bias else 0))
+            out[t] += routing.weights[t, k] * (h @ ex.w2[e] + (ex.b2[e] if cfg.bias else 0))
+    return out
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"activation": "gelu", "capacity_factor": 0.5, "min_capacity": 0},
+        {"activation": "silu", "score_func": "sigmoid", "drop_policy": "probs", "capacity_factor": 0.7},
+        {"activation": "swiglu", "bias": False, "router_bias": False, "top_k": 3, "d_out": 5},
+        {"activation": "swiglu", "normalize_weights": False, "score_func": "sigmoid"},
+    ],
+)
+def test_equals_a_per_token_loop(overrides):
+    torch.manual_seed(2)
+    layer = MoELayer(MoEConfig(**{"d_model": 8, "d_hidden": 12, "num_experts": 6, **overrides}))
+    x = torch.randn(25, 8)
+    torch.testing.assert_close(layer(x), loop_reference(layer, x), rtol=1e-5, atol=1e-6)
+
+
+def test_parameter_layout_is_the_documented_one():
+    config = MoEConfig(d_model=8, d_hidden=12, d_out=5, num_experts=6, activation="swiglu")
+    shapes = {name: tuple(p.shape) for name, p in MoELayer(config).named_parameters()}
+    assert shapes == {
+        "router.weight": (6, 8),
+        "router.bias": (6,),
+        "experts.w1": (6, 8, 12),
+        "experts.w2": (6, 12, 5),
+        "experts.w3": (6, 8, 12),
+        "experts.b1": (6, 12),
+        "experts.b2": (6, 5),
+        "experts.b3": (6, 12),
+    }
+
+
+def test_init_follows_the_seed_and_nn_linear_bounds():
+    config = MoEConfig(d_model=16, d_hidden=64, num_experts=4)
+    torch.manual_seed(3)
+    a = MoELayer(config)
+    torch.manual_seed(3)
+    b = MoELayer(config)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert a.experts.w1.abs().max() <= 16**-0.5 and a.experts.w2.abs().max() <= 64**-0.5
+    assert not torch.equal(a.experts.w1[0], a.experts.w1[1])
+
+
+def test_leading_dimensions_are_kept_and_stats_report_drops():
+    layer = MoELayer(
+        MoEConfig(d_model=8, d_hidden=8, num_experts=4, top_k=2, capacity_factor=0.5, min_capacity=0)
+    )
+    out = layer(torch.randn(3, 10, 8))
+    assert out.shape == (3, 10, 8)
+    stats = layer.stats
+    assert stats.num_routed == 60 and stats.capacity == 8
+    assert stats.num_dropped == 60 - int(stats.tokens_per_expert.sum()) > 0
+    assert layer.aux_loss.requires_grad and layer.aux_loss.item() > 0
+
+
+def test_zero_tokens_give_an_empty_output_with_gradients():
+    layer = MoELayer(MoEConfig(d_model=8, d_hidden=8, num_experts=4))
+    x = torch.zeros(0, 8, requires_grad=True)
+    out = layer(x)
+    assert out.shape == (0, 8)
+    (out.sum() + layer.aux_loss).backward()
+    assert x.grad.shape == (0, 8)
+
+
+def test_bad_input_is_rejected_clearly():
+    layer = MoELayer(MoEConfig(d_model=8, d_hidden=8, num_experts=4))
+    with pytest.raises(ValueError, match="d_model=8"):
+        layer(torch.randn(3, 7))
+    with pytest.raises(TypeError, match="floating-point"):
+        layer(torch.ones(3, 8, dtype=torch.long))
+    with pytest.raises(TypeError, match="float64"):
+        layer(torch.randn(3, 8, dtype=torch.double))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        layer([[0.0] * 8])
+    nan = torch.randn(3, 8)
+    nan[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        layer(nan)
+
+
+def test_math_modules_do_not_touch_torch_distributed():
+    package = Path(__file__).resolve().parent.parent / "expert_parallel"
+    for name in ("config.py", "router.py", "dispatch.py", "experts.py", "layer.py"):
+        assert "torch.distributed" not in (package / name).read_text(), name
