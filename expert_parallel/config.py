@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import tomllib
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 SCORE_FUNCS = ("softmax", "sigmoid")
 DROP_POLICIES = ("position", "probs")
@@ -88,6 +90,47 @@ class MoEConfig:
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> MoEConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"MoEConfig has no field(s) {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+
+def load_toml(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    """Read a TOML file and apply dotted `section.key=value` overrides (command line > TOML).
+
+    Values parse as TOML (`4`, `1.25`, `true`, `"gelu"`); `none` means None
+    (e.g. `moe.capacity_factor=none` for dropless); anything else is a string.
+    Each override's sections must exist in the file; the consumer of a section
+    (e.g. MoEConfig.from_dict) rejects unknown keys by name.
+    """
+    with open(path, "rb") as handle:
+        tree = tomllib.load(handle)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        *sections, leaf = key.strip().split(".")
+        if not sep or not sections or not leaf:
+            raise ValueError(f"override {item!r} must look like section.key=value")
+        node = tree
+        for section in sections:
+            if not isinstance(node.get(section), dict):
+                raise ValueError(f"override {item!r}: no section {section!r} in {path}")
+            node = node[section]
+        node[leaf] = _parse_value(raw.strip())
+    return tree
+
+
+def _parse_value(raw: str) -> object:
+    if raw.lower() in ("none", "null"):
+        return None
+    try:
+        return tomllib.loads(f"value = {raw}")["value"]
+    except tomllib.TOMLDecodeError:
+        return raw
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:

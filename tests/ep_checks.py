@@ -25,6 +25,8 @@ from reference_moe import ExpertRouterMoE, SimpleMoE, load_reference  # noqa: E4
 
 import expert_parallel as ep  # noqa: E402
 
+DEVICE = torch.device("cpu")  # this rank's device, set by main() from init_distributed()
+
 
 class Checks:
     def __init__(self) -> None:
@@ -66,9 +68,9 @@ def token_counts(size: int, zero_rank: bool) -> list[int]:
 def compare_with_reference(checks, name, config, group, seed, zero_rank=False, shape3d=False, scale=1.0):
     rank, size = dist.get_rank(group), dist.get_world_size(group)
     torch.manual_seed(seed)
-    reference = ep.MoELayer(config)
+    reference = ep.MoELayer(config).to(DEVICE)
     torch.manual_seed(seed)
-    layer = ep.MoELayer(config, group)
+    layer = ep.MoELayer(config, group).to(DEVICE)
     local = slice(layer.first_expert, layer.first_expert + layer.num_local_experts)
 
     # Initialisation depends on the seed only, not on the layout.
@@ -78,8 +80,8 @@ def compare_with_reference(checks, name, config, group, seed, zero_rank=False, s
 
     num_tokens = token_counts(size, zero_rank)[rank]
     gen = torch.Generator().manual_seed(1000 * seed + rank)
-    x = torch.randn(num_tokens, config.d_model, generator=gen) * scale
-    upstream = torch.randn(num_tokens, config.d_out, generator=gen)
+    x = (torch.randn(num_tokens, config.d_model, generator=gen) * scale).to(DEVICE)
+    upstream = torch.randn(num_tokens, config.d_out, generator=gen).to(DEVICE)
     if shape3d and num_tokens % 2 == 0:
         x, upstream = x.view(2, -1, config.d_model), upstream.view(2, -1, config.d_out)
 
@@ -98,7 +100,7 @@ def compare_with_reference(checks, name, config, group, seed, zero_rank=False, s
         summed = getattr(reference.experts, pname).grad.clone()
         dist.all_reduce(summed, group=group)
         checks.close(f"{name}: expert grad {pname}", param.grad, summed[local], tol=1e-4)
-    dropped = torch.tensor(layer.stats.num_dropped)
+    dropped = torch.tensor(layer.stats.num_dropped, device=DEVICE)
     dist.all_reduce(dropped, group=group)
     return layer, x, upstream, int(dropped)
 
@@ -149,12 +151,12 @@ def check_contract(checks, group):
 def check_large_capacity_equals_dropless(checks, group):
     config = ep.MoEConfig(d_model=16, d_hidden=24, num_experts=8, top_k=2)
     torch.manual_seed(7)
-    dropless = ep.MoELayer(config, group)
+    dropless = ep.MoELayer(config, group).to(DEVICE)
     torch.manual_seed(7)
     # capacity_factor = E gives C >= T * K: no expert can overflow.
-    roomy = ep.MoELayer(replace(config, capacity_factor=8.0), group)
-    x = torch.randn(40, 16, generator=torch.Generator().manual_seed(dist.get_rank(group)))
-    upstream = torch.ones(40, 16)
+    roomy = ep.MoELayer(replace(config, capacity_factor=8.0), group).to(DEVICE)
+    x = torch.randn(40, 16, generator=torch.Generator().manual_seed(dist.get_rank(group))).to(DEVICE)
+    upstream = torch.ones(40, 16, device=DEVICE)
     out_a, dx_a = run_step(dropless, x, upstream)
     out_b, dx_b = run_step(roomy, x, upstream)
     checks.equal("large capacity == dropless: output", out_b, out_a)
@@ -175,14 +177,14 @@ def check_round_robin_placement(checks, group):
     config = ep.MoEConfig(
         d_model=width, d_hidden=width, num_experts=num_experts, top_k=1, bias=False, router_bias=False
     )
-    layer = ep.MoELayer(config, group)
+    layer = ep.MoELayer(config, group).to(DEVICE)
     layer.router.weight.copy_(torch.eye(num_experts, width))
     for local_id in range(layer.num_local_experts):
         layer.experts.w1[local_id].copy_(torch.eye(width) * (layer.first_expert + local_id + 1))
         layer.experts.w2[local_id].copy_(torch.eye(width))
     num_tokens = 5 + 7 * rank
-    target = (torch.arange(num_tokens) + rank) % num_experts
-    x = torch.rand(num_tokens, width) + 0.5
+    target = (torch.arange(num_tokens, device=DEVICE) + rank) % num_experts
+    x = torch.rand(num_tokens, width, device=DEVICE) + 0.5
     x[:, :num_experts] += 10 * torch.nn.functional.one_hot(target, num_experts)
     out = layer(x)
     checks.close(
@@ -201,18 +203,18 @@ def check_seed_designs(checks, group):
     gen = torch.Generator().manual_seed(100 + rank)
 
     torch.manual_seed(11)
-    simple = SimpleMoE(num_experts=8, d_model=64, d_hidden=128, top_k=2)
-    layer = ep.MoELayer(ep.MoEConfig(d_model=64, d_hidden=128, num_experts=8, top_k=2), group)
+    simple = SimpleMoE(num_experts=8, d_model=64, d_hidden=128, top_k=2).to(DEVICE)
+    layer = ep.MoELayer(ep.MoEConfig(d_model=64, d_hidden=128, num_experts=8, top_k=2), group).to(DEVICE)
     load_reference(layer, simple)
-    x = torch.randn(9 + 4 * rank, 64, generator=gen)
+    x = torch.randn(9 + 4 * rank, 64, generator=gen).to(DEVICE)
     checks.close("SimpleMoE under EP: output", layer(x), simple(x))
 
     torch.manual_seed(12)
-    routed = ExpertRouterMoE(d_model=64, d_out=128, num_experts=8, d_hidden=256)
+    routed = ExpertRouterMoE(d_model=64, d_out=128, num_experts=8, d_hidden=256).to(DEVICE)
     config = ep.MoEConfig(d_model=64, d_hidden=256, d_out=128, num_experts=8, top_k=1)
-    layer = ep.MoELayer(config, group)
+    layer = ep.MoELayer(config, group).to(DEVICE)
     load_reference(layer, routed)
-    x = torch.randn(4 + 5 * rank, 64, generator=gen)
+    x = torch.randn(4 + 5 * rank, 64, generator=gen).to(DEVICE)
     checks.close("ExpertRouter MoE under EP: output", layer(x), routed(x))
 
 
@@ -242,14 +244,14 @@ def check_bad_input(checks, group):
         ["num_experts", "divisible"],
         lambda: ep.MoELayer(replace(config, num_experts=2 * size + 1), group),
     )
-    layer = ep.MoELayer(config, group)
-    x = torch.randn(10, 16)
+    layer = ep.MoELayer(config, group).to(DEVICE)
+    x = torch.randn(10, 16, device=DEVICE)
     bad = x.clone()
     if rank == size - 1:
         bad[3, 0] = float("nan")
     words = ["NaN"] if rank == size - 1 else [f"[{size - 1}]", "invalid input"]
     expect_error(checks, "NaN on one rank fails on every rank", ValueError, words, lambda: layer(bad))
-    wide = torch.randn(10, 17) if rank == 0 else x
+    wide = torch.randn(10, 17, device=DEVICE) if rank == 0 else x
     words = ["d_model=16"] if rank == 0 else ["[0]", "invalid input"]
     expect_error(
         checks, "wrong width on one rank fails on every rank", ValueError, words, lambda: layer(wide)
@@ -262,19 +264,20 @@ def check_bad_input(checks, group):
         expect_error(
             checks, "peer's input dtype differs", ValueError, ["[0]", "invalid input"], lambda: layer(x)
         )
-    doubled = ep.MoELayer(config, group)
+    doubled = ep.MoELayer(config, group).to(DEVICE)
     if rank == 0:
         doubled.double()
     mixed = x.double() if rank == 0 else x
     expect_error(checks, "dtypes differing across ranks", TypeError, ["dtypes"], lambda: doubled(mixed))
-    out, _ = run_step(layer, x, torch.ones(10, 16))
+    out, _ = run_step(layer, x, torch.ones(10, 16, device=DEVICE))
     checks.true(
         "layer still works after rejected inputs", out.shape == (10, 16) and bool(out.isfinite().all())
     )
 
 
 def main() -> int:
-    ep.init_distributed(timeout=timedelta(seconds=60))
+    global DEVICE
+    DEVICE = ep.init_distributed(timeout=timedelta(seconds=60))
     group = dist.group.WORLD
     rank = dist.get_rank()
     checks = Checks()
@@ -287,7 +290,7 @@ def main() -> int:
             check_bad_input,
         ):
             check(checks, group)
-        failed = torch.tensor(len(checks.failures))
+        failed = torch.tensor(len(checks.failures), device=DEVICE)
         dist.all_reduce(failed)
         for failure in checks.failures:
             print(f"rank {rank} FAILED {failure}", flush=True)
