@@ -3,10 +3,19 @@
 Experts sharded over the ranks of a process group, tokens exchanged with all-to-all.
 """
 
-from .comm import init_distributed, shutdown
+from .comm import CollectiveError, init_distributed, shutdown
 from .config import MoEConfig
 from .layer import MoELayer, RoutingStats
 from .router import Routing, route
 
-__all__ = ["MoEConfig", "MoELayer", "Routing", "RoutingStats", "init_distributed", "route", "shutdown"]
+__all__ = [
+    "CollectiveError",
+    "MoEConfig",
+    "MoELayer",
+    "Routing",
+    "RoutingStats",
+    "init_distributed",
+    "route",
+    "shutdown",
+]
 __version__ = "0.1.0"

@@ -10,6 +10,9 @@ from __future__ import annotations
 import gc
 import json
 import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 
 import torch
@@ -24,28 +27,55 @@ def rank_and_size(group: dist.ProcessGroup | None) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
+class CollectiveError(RuntimeError):
+    """A collective of the layer failed: a peer exited, crashed or stopped answering within the timeout."""
+
+
+@contextmanager
+def _naming_failures(what: str, group: dist.ProcessGroup) -> Iterator[None]:
+    """Re-raise a failed collective as CollectiveError saying which collective and which peers."""
+    try:
+        yield
+    except RuntimeError as err:
+        rank, size = dist.get_rank(group), dist.get_world_size(group)
+        peers = [dist.get_global_rank(group, r) for r in range(size) if r != rank]
+        raise CollectiveError(
+            f"{what} failed on global rank {dist.get_rank()} (rank {rank} of {size} in its group) "
+            f"while exchanging with global ranks {peers}: one of them exited, crashed or stopped "
+            f"answering within the process group's timeout. Cause: {err}"
+        ) from err
+
+
 class _AllToAll(torch.autograd.Function):
     """all_to_all_single with uneven splits; its backward is the reverse exchange."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, output_splits: list[int], input_splits: list[int], group) -> Tensor:
+    def forward(
+        ctx, x: Tensor, output_splits: list[int], input_splits: list[int], group, what: str
+    ) -> Tensor:
         ctx.splits = (output_splits, input_splits)
-        ctx.group = group
+        ctx.group, ctx.what = group, what
         out = x.new_empty((sum(output_splits), *x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group)
+        with _naming_failures(f"MoE all-to-all ({what}, forward)", group):
+            dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         output_splits, input_splits = ctx.splits
         grad_in = grad_out.new_empty((sum(input_splits), *grad_out.shape[1:]))
-        dist.all_to_all_single(grad_in, grad_out.contiguous(), input_splits, output_splits, group=ctx.group)
-        return grad_in, None, None, None
+        with _naming_failures(f"MoE all-to-all ({ctx.what}, backward)", ctx.group):
+            dist.all_to_all_single(
+                grad_in, grad_out.contiguous(), input_splits, output_splits, group=ctx.group
+            )
+        return grad_in, None, None, None, None
 
 
-def all_to_all(x: Tensor, output_splits: list[int], input_splits: list[int], group) -> Tensor:
+def all_to_all(
+    x: Tensor, output_splits: list[int], input_splits: list[int], group, what: str = "tokens"
+) -> Tensor:
     """Send x's rows split by `input_splits` to the ranks of `group`; receive `output_splits` rows."""
-    return _AllToAll.apply(x, output_splits, input_splits, group)
+    return _AllToAll.apply(x, output_splits, input_splits, group, what)
 
 
 def exchange_counts(
@@ -64,8 +94,31 @@ def exchange_counts(
     status_P = torch.tensor(status, dtype=torch.long, device=rows_per_expert_E.device).expand(size, -1)
     send_P = torch.cat([rows_per_expert_E.view(size, -1), status_P], dim=1).contiguous()
     received_P = torch.empty_like(send_P)
-    dist.all_to_all_single(received_P, send_P, group=group)
+    with _naming_failures("MoE count exchange", group):
+        dist.all_to_all_single(received_P, send_P, group=group)
     rows = received_P.tolist()
+    return [row[: -len(status)] for row in rows], [row[-len(status) :] for row in rows]
+
+
+def gather_counts(
+    rows_per_expert_E: Tensor, status: list[int], group: dist.ProcessGroup
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Every rank's rows per global expert, and every rank's status: [P][E] and [P][len(status)] host ints.
+
+    NOTE: counts go first, in a fixed-size collective, because the token
+    all-to-all needs every rank's split sizes and ranks may hold any number
+    of tokens, including none. An all-gather rather than an all-to-all of
+    counts: every rank then sees the whole load matrix and every rank's
+    status, so the checks that follow (bad input anywhere, an expert over its
+    cap) fail on every rank at once and no rank is left waiting. Host sync.
+    """
+    size = dist.get_world_size(group)
+    status_S = torch.tensor(status, dtype=torch.long, device=rows_per_expert_E.device)
+    mine = torch.cat([rows_per_expert_E.long(), status_S])
+    gathered = [torch.empty_like(mine) for _ in range(size)]
+    with _naming_failures("MoE count exchange", group):
+        dist.all_gather(gathered, mine, group=group)
+    rows = torch.stack(gathered).tolist()
     return [row[: -len(status)] for row in rows], [row[-len(status) :] for row in rows]
 
 
@@ -77,7 +130,8 @@ def agree_on_init(config_dict: dict, seed: int, group: dist.ProcessGroup | None)
     """
     if group is None or dist.get_world_size(group) == 1:
         return seed
-    gathered = _all_gather_json({"config": config_dict, "seed": seed}, group)
+    with _naming_failures("MoELayer config check at construction", group):
+        gathered = _all_gather_json({"config": config_dict, "seed": seed}, group)
     first = gathered[0]["config"]
     for rank, other in enumerate(entry["config"] for entry in gathered):
         differing = [k for k in first if first[k] != other.get(k)]
@@ -132,8 +186,14 @@ def shutdown() -> None:
     in a `finally`.
     """
     gc.collect()
-    if dist.is_available() and dist.is_initialized():
-        try:
-            dist.barrier()
-        finally:
-            dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        dist.barrier()
+    except RuntimeError as err:
+        # A peer is gone; whatever made it go has been reported. Still tear down.
+        print(
+            f"expert_parallel.shutdown: barrier failed ({err}); destroying the group anyway", file=sys.stderr
+        )
+    finally:
+        dist.destroy_process_group()

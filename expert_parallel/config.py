@@ -26,6 +26,9 @@ class MoEConfig:
         None means dropless (every assignment kept).
     drop_policy: which assignments an over-full expert keeps:
         "position" (choice rank, then token index) or "probs" (highest score).
+    max_tokens_per_expert: a hard bound on the rows one expert may receive in
+        one forward, summed over the group; over it, every rank raises
+        ValueError instead of running out of memory (None: no bound).
     activation: "relu", "gelu", "silu", or "swiglu" (act(x@w1) * (x@w3)) @ w2.
     bias: experts carry biases.        router_bias: the router Linear has a bias.
     aux_loss_coef, z_loss_coef: weights of the load-balancing and z losses in
@@ -45,6 +48,7 @@ class MoEConfig:
     capacity_factor: float | None = None
     min_capacity: int = 4
     drop_policy: str = "position"
+    max_tokens_per_expert: int | None = None
     activation: str = "relu"
     bias: bool = True
     router_bias: bool = True
@@ -58,6 +62,8 @@ class MoEConfig:
             object.__setattr__(self, "d_out", self.d_model)
         _check_int("d_out", self.d_out, minimum=1)
         _check_int("min_capacity", self.min_capacity, minimum=0)
+        if self.max_tokens_per_expert is not None:
+            _check_int("max_tokens_per_expert", self.max_tokens_per_expert, minimum=1)
         if self.top_k > self.num_experts:
             raise ValueError(f"MoEConfig.top_k={self.top_k} exceeds num_experts={self.num_experts}")
         _check_choice("score_func", self.score_func, SCORE_FUNCS)

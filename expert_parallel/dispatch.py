@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .router import Routing
@@ -21,11 +22,13 @@ class DispatchPlan:
 
     slot_R: [R] the slot (t * K + k) each row came from.
     token_R: [R] the token each row came from.
+    row_N: [N] the row each slot went to; R (one past the last row) for dropped slots.
     rows_per_expert: [E] host ints, rows of each global expert (sum = R).
     """
 
     slot_R: Tensor
     token_R: Tensor
+    row_N: Tensor
     rows_per_expert: list[int]
     num_tokens: int
     top_k: int
@@ -44,8 +47,11 @@ def plan_dispatch(routing: Routing) -> DispatchPlan:
     order_N = expert_ids_N.argsort(stable=True)
     # NOTE: host sync; the all-to-all splits and the per-expert GEMMs need host counts.
     rows_per_expert = routing.tokens_per_expert.tolist()
-    slot_R = order_N[: sum(rows_per_expert)]
-    return DispatchPlan(slot_R, slot_R // top_k, rows_per_expert, num_tokens, top_k)
+    num_rows = sum(rows_per_expert)
+    slot_R = order_N[:num_rows]
+    row_N = torch.full_like(order_N, num_rows)
+    row_N[slot_R] = torch.arange(num_rows, device=slot_R.device)
+    return DispatchPlan(slot_R, slot_R // top_k, row_N, rows_per_expert, num_tokens, top_k)
 
 
 def permute(x_TD: Tensor, plan: DispatchPlan) -> Tensor:
@@ -56,14 +62,14 @@ def permute(x_TD: Tensor, plan: DispatchPlan) -> Tensor:
 def combine(y_RO: Tensor, weights_TK: Tensor, plan: DispatchPlan) -> Tensor:
     """[R, O] expert outputs -> [T, O]: out_t = sum_k weight_tk * y(t, k).
 
-    Rows go back to their slots (dropped slots stay zero), then each token sums
-    its K slots in choice order: a gather-style combine with no atomics, so the
-    result is deterministic on every device.
+    Each slot gathers its row (a dropped slot gathers a zero row), then one
+    small [1, K] x [K, O] product per token: a gather-style combine with no
+    atomics in the forward, deterministic on every device.
     """
-    num_slots = plan.num_tokens * plan.top_k
-    slots_NO = y_RO.new_zeros(num_slots, y_RO.shape[-1]).index_copy(0, plan.slot_R, y_RO)
-    slots_TKO = slots_NO.view(plan.num_tokens, plan.top_k, y_RO.shape[-1])
-    return (slots_TKO * weights_TK.to(y_RO.dtype).unsqueeze(-1)).sum(dim=1)
+    if plan.num_rows < plan.num_tokens * plan.top_k:
+        y_RO = F.pad(y_RO, (0, 0, 0, 1))  # the zero row that dropped slots point at
+    slots_TKO = y_RO.index_select(0, plan.row_N).view(plan.num_tokens, plan.top_k, y_RO.shape[-1])
+    return torch.bmm(weights_TK.to(y_RO.dtype).unsqueeze(1), slots_TKO).squeeze(1)
 
 
 def source_to_expert_order(rows_Pe: list[list[int]], device: torch.device) -> Tensor:
@@ -88,3 +94,26 @@ def inverse_permutation(index_R: Tensor) -> Tensor:
     inverse_R = torch.empty_like(index_R)
     inverse_R[index_R] = torch.arange(index_R.numel(), device=index_R.device)
     return inverse_R
+
+
+class _PermuteRows(torch.autograd.Function):
+    """x[index] for a permutation `index`; the backward gathers with the inverse.
+
+    index_select's own backward zero-fills and scatter-adds, which a
+    permutation does not need.
+    """
+
+    @staticmethod
+    def forward(ctx, x_RD: Tensor, index_R: Tensor, inverse_R: Tensor) -> Tensor:
+        ctx.save_for_backward(inverse_R)
+        return x_RD.index_select(0, index_R)
+
+    @staticmethod
+    def backward(ctx, grad_RD: Tensor):
+        (inverse_R,) = ctx.saved_tensors
+        return grad_RD.index_select(0, inverse_R), None, None
+
+
+def permute_rows(x_RD: Tensor, index_R: Tensor, inverse_R: Tensor) -> Tensor:
+    """Rows of x in the order of the permutation `index_R` (`inverse_R` its inverse)."""
+    return _PermuteRows.apply(x_RD, index_R, inverse_R)

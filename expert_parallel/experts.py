@@ -49,11 +49,14 @@ class _GroupedLinear(torch.autograd.Function):
         dy_RJ = dy_RJ.contiguous()
         want_x, want_w, want_b = ctx.needs_input_grad[:3]
         dx_RI = torch.empty_like(x_RI) if want_x else None
-        dw_eIJ = torch.zeros_like(w_eIJ) if want_w else None
-        db_eJ = dy_RJ.new_zeros((w_eIJ.shape[0], w_eIJ.shape[2])) if want_b and ctx.has_bias else None
+        dw_eIJ = torch.empty_like(w_eIJ) if want_w else None
+        db_eJ = dy_RJ.new_empty((w_eIJ.shape[0], w_eIJ.shape[2])) if want_b and ctx.has_bias else None
         dx_groups = dx_RI.split(rows) if want_x else [None] * len(rows)
         for g, (x_gI, dy_gJ, dx_gI) in enumerate(zip(x_RI.split(rows), dy_RJ.split(rows), dx_groups)):
-            if x_gI.shape[0] == 0:
+            if x_gI.shape[0] == 0:  # an expert with no rows: its gradient is zero
+                for grad in (dw_eIJ, db_eJ):
+                    if grad is not None:
+                        grad[g].zero_()
                 continue
             if dx_gI is not None:
                 torch.mm(dy_gJ, w_eIJ[g].t(), out=dx_gI)

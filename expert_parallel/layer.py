@@ -19,6 +19,7 @@ from .dispatch import (
     combine,
     inverse_permutation,
     permute,
+    permute_rows,
     plan_dispatch,
     source_to_expert_order,
 )
@@ -59,7 +60,7 @@ class MoELayer(nn.Module):
     would hold, and every rank holds the same router.
     """
 
-    def __init__(self, config: MoEConfig, group=None):
+    def __init__(self, config: MoEConfig, group=None, *, name: str | None = None):
         super().__init__()
         rank, size = comm.rank_and_size(group)
         if config.num_experts % size:
@@ -71,6 +72,7 @@ class MoELayer(nn.Module):
         self.rank, self.group_size = rank, size
         self.num_local_experts = config.num_experts // size
         self.first_expert = rank * self.num_local_experts
+        self.where = f"MoELayer{f' {name!r}' if name else ''} on rank {rank} of {size}"
         self.router = nn.Linear(config.d_model, config.num_experts, bias=config.router_bias)
         self.experts = Experts(config, self.num_local_experts)
         seed = int(torch.randint(0, 2**62, ()))
@@ -102,13 +104,14 @@ class MoELayer(nn.Module):
                 problem = (ValueError, str(err))
         if self.group is None:
             if problem is not None:
-                raise problem[0](f"MoELayer: {problem[1]}")
+                raise problem[0](f"{self.where}: {problem[1]}")
             plan = plan_dispatch(routing)
+            self._check_expert_load([plan.rows_per_expert])
             y_RO, rows_away = self.experts(permute(x_TD, plan), plan.rows_per_expert), 0
         else:
-            rows_from_Pe = self._exchange_counts(x, routing, problem)
+            rows_PE = self._gather_counts(x, routing, problem)
             plan = plan_dispatch(routing)
-            y_RO, rows_away = self._run_on_owners(permute(x_TD, plan), plan, rows_from_Pe)
+            y_RO, rows_away = self._run_on_owners(permute(x_TD, plan), plan, rows_PE)
         out_TO = combine(y_RO, routing.weights, plan)
         self.aux_loss = config.aux_loss_coef * routing.aux_loss + config.z_loss_coef * routing.z_loss
         self.stats = RoutingStats(
@@ -120,45 +123,67 @@ class MoELayer(nn.Module):
         )
         return out_TO.view(*x.shape[:-1], config.d_out)
 
-    def _exchange_counts(
+    def _gather_counts(
         self, x: Tensor, routing: Routing | None, problem: tuple[type, str] | None
     ) -> list[list[int]]:
-        """Exchange row counts, and fail on every rank at once if any rank's input is bad."""
+        """Every rank's rows per expert [P][E]; fails on every rank at once if any rank's input is bad."""
         if routing is None:
-            rows_per_expert_E = torch.zeros(self.config.num_experts, dtype=torch.long, device=x.device)
+            rows_per_expert_E = torch.zeros(
+                self.config.num_experts, dtype=torch.long, device=self.router.weight.device
+            )
         else:
             rows_per_expert_E = routing.tokens_per_expert
         dtype_code = _DTYPE_CODES.get(x.dtype, -1) if isinstance(x, Tensor) else -1
-        rows_from_Pe, status_P = comm.exchange_counts(
+        rows_PE, status_P = comm.gather_counts(
             rows_per_expert_E, [int(problem is not None), dtype_code], self.group
         )
-        where = f"MoELayer on rank {self.rank} of {self.group_size}"
         if problem is not None:
-            raise problem[0](f"{where}: {problem[1]}")
+            raise problem[0](f"{self.where}: {problem[1]}")
         bad_ranks = [p for p, (failed, _) in enumerate(status_P) if failed]
         if bad_ranks:
-            raise ValueError(f"{where}: rank(s) {bad_ranks} of the group got invalid input (see their error)")
-        dtypes = {p: _DTYPES[code] for p, (_, code) in enumerate(status_P)}
+            raise ValueError(
+                f"{self.where}: rank(s) {bad_ranks} of the group got invalid input (see their error)"
+            )
+        dtypes = {
+            p: str(_DTYPES[code]) if code >= 0 else "unsupported" for p, (_, code) in enumerate(status_P)
+        }
         if len(set(dtypes.values())) > 1:
-            raise TypeError(f"{where}: ranks send tokens of different dtypes: {dtypes}")
-        return rows_from_Pe
+            raise TypeError(f"{self.where}: ranks send tokens of different dtypes: {dtypes}")
+        self._check_expert_load(rows_PE)
+        return rows_PE
+
+    def _check_expert_load(self, rows_PE: list[list[int]]) -> None:
+        """Refuse, on every rank alike, a forward that would send an expert more rows than its cap."""
+        cap = self.config.max_tokens_per_expert
+        if cap is None:
+            return
+        load_E = [sum(column) for column in zip(*rows_PE)]
+        heaviest = max(range(len(load_E)), key=load_E.__getitem__)
+        if load_E[heaviest] > cap:
+            raise ValueError(
+                f"{self.where}: expert {heaviest} would receive {load_E[heaviest]} rows in one forward, "
+                f"over MoEConfig.max_tokens_per_expert={cap}; the router sends it too many tokens: "
+                f"set a capacity_factor, raise the cap, or rebalance the router"
+            )
 
     def _run_on_owners(
-        self, x_RD: Tensor, plan: DispatchPlan, rows_from_Pe: list[list[int]]
+        self, x_RD: Tensor, plan: DispatchPlan, rows_PE: list[list[int]]
     ) -> tuple[Tensor, int]:
         """Send rows to the ranks owning their experts, run them there, bring the outputs back."""
         size, e = self.group_size, self.num_local_experts
+        rows_from_Pe = [row[self.first_expert : self.first_expert + e] for row in rows_PE]
         send_splits = [sum(plan.rows_per_expert[p * e : (p + 1) * e]) for p in range(size)]
         recv_splits = [sum(row) for row in rows_from_Pe]
-        x_SD = comm.all_to_all(x_RD, recv_splits, send_splits, self.group)
+        x_SD = comm.all_to_all(x_RD, recv_splits, send_splits, self.group, "dispatch")
         rows_per_local_expert = [sum(column) for column in zip(*rows_from_Pe)]
         if e == 1:
             y_SO = self.experts(x_SD, rows_per_local_expert)
         else:
             by_expert_S = source_to_expert_order(rows_from_Pe, x_SD.device)
-            y_SO = self.experts(x_SD.index_select(0, by_expert_S), rows_per_local_expert)
-            y_SO = y_SO.index_select(0, inverse_permutation(by_expert_S))
-        y_RO = comm.all_to_all(y_SO, send_splits, recv_splits, self.group)
+            by_source_S = inverse_permutation(by_expert_S)
+            y_SO = self.experts(permute_rows(x_SD, by_expert_S, by_source_S), rows_per_local_expert)
+            y_SO = permute_rows(y_SO, by_source_S, by_expert_S)
+        y_RO = comm.all_to_all(y_SO, send_splits, recv_splits, self.group, "combine")
         return y_RO, plan.num_rows - send_splits[self.rank]
 
     def extra_repr(self) -> str:
@@ -184,4 +209,8 @@ def _input_problem(x: object, config: MoEConfig, weight: Tensor) -> tuple[type, 
         return ValueError, f"input is on {x.device} but the layer's parameters are on {weight.device}"
     if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
         return TypeError, f"input dtype {x.dtype} differs from the layer's parameters ({weight.dtype})"
+    # NOTE: host sync. A NaN in a feature the router ignores would still poison the expert outputs.
+    if not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x.reshape(-1, x.shape[-1]))).any(dim=-1).sum())
+        return ValueError, f"input contains NaN or Inf ({bad} tokens)"
     return None

@@ -65,7 +65,9 @@ def token_counts(size: int, zero_rank: bool) -> list[int]:
     return counts
 
 
-def compare_with_reference(checks, name, config, group, seed, zero_rank=False, shape3d=False, scale=1.0):
+def compare_with_reference(
+    checks, name, config, group, seed, zero_rank=False, shape3d=False, scale=1.0, counts=None
+):
     rank, size = dist.get_rank(group), dist.get_world_size(group)
     torch.manual_seed(seed)
     reference = ep.MoELayer(config).to(DEVICE)
@@ -78,7 +80,7 @@ def compare_with_reference(checks, name, config, group, seed, zero_rank=False, s
     for pname, param in layer.experts.named_parameters():
         checks.equal(f"{name}: init {pname}", param, getattr(reference.experts, pname)[local])
 
-    num_tokens = token_counts(size, zero_rank)[rank]
+    num_tokens = (counts or token_counts(size, zero_rank))[rank]
     gen = torch.Generator().manual_seed(1000 * seed + rank)
     x = (torch.randn(num_tokens, config.d_model, generator=gen) * scale).to(DEVICE)
     upstream = torch.randn(num_tokens, config.d_out, generator=gen).to(DEVICE)
@@ -274,6 +276,32 @@ def check_bad_input(checks, group):
         "layer still works after rejected inputs", out.shape == (10, 16) and bool(out.isfinite().all())
     )
 
+    # An adversarial router sends every token to expert 0: the dropless cap refuses on every rank.
+    capped = ep.MoELayer(replace(config, max_tokens_per_expert=8 * size), group, name="blocks.0.moe").to(
+        DEVICE
+    )
+    with torch.no_grad():
+        capped.router.weight.zero_()
+        capped.router.bias.copy_(torch.arange(config.num_experts, 0, -1, dtype=torch.float))
+    under_cap = torch.randn(8, 16, device=DEVICE)  # 8 tokens per rank: expert 0 gets exactly the cap
+    checks.true("at the cap: runs", capped(under_cap).shape == (8, 16))
+    expect_error(
+        checks,
+        "over the cap: every rank refuses",
+        ValueError,
+        ["'blocks.0.moe'", "expert 0", f"{9 * size} rows", "max_tokens_per_expert"],
+        lambda: capped(torch.randn(9, 16, device=DEVICE)),
+    )
+
+
+def check_all_ranks_empty(checks, group):
+    config = ep.MoEConfig(d_model=16, d_hidden=24, num_experts=8, top_k=2, capacity_factor=1.0)
+    layer = ep.MoELayer(config, group).to(DEVICE)
+    x = torch.zeros(0, 16, device=DEVICE)
+    out, dx = run_step(layer, x, torch.zeros(0, 16, device=DEVICE))
+    checks.true("every rank empty: empty output", out.shape == (0, 16) and dx.shape == (0, 16))
+    checks.true("every rank empty: zero expert grads", bool((layer.experts.w1.grad == 0).all()))
+
 
 def main() -> int:
     global DEVICE
@@ -288,6 +316,7 @@ def main() -> int:
             check_round_robin_placement,
             check_seed_designs,
             check_bad_input,
+            check_all_ranks_empty,
         ):
             check(checks, group)
         failed = torch.tensor(len(checks.failures), device=DEVICE)

@@ -7,6 +7,7 @@ from expert_parallel.dispatch import (
     combine,
     inverse_permutation,
     permute,
+    permute_rows,
     plan_dispatch,
     source_to_expert_order,
 )
@@ -24,6 +25,16 @@ def test_plan_groups_kept_rows_by_expert_in_token_order():
     assert plan.rows_per_expert == [2, 3, 3]
     assert plan.token_R.tolist() == [1, 3, 0, 2, 3, 0, 1, 2]
     assert plan.slot_R.tolist() == [2, 6, 0, 5, 7, 1, 3, 4]
+    assert plan.row_N.tolist() == [2, 5, 0, 6, 7, 3, 1, 4]  # slot n went to row row_N[n]
+
+
+def test_dropped_slots_point_past_the_last_row():
+    logits = torch.tensor([[3.0, 0.0], [2.0, 0.0], [1.0, 0.0]])
+    cfg = MoEConfig(d_model=2, d_hidden=2, num_experts=2, top_k=1, capacity_factor=0.5, min_capacity=0)
+    plan = plan_dispatch(route(logits, cfg))  # C = ceil(0.5 * 3 / 2) = 1: t1 and t2 dropped
+    assert plan.row_N.tolist() == [0, 1, 1] and plan.num_rows == 1
+    out = combine(torch.ones(1, 4), torch.ones(3, 1), plan)
+    assert out.tolist() == [[1.0] * 4, [0.0] * 4, [0.0] * 4]
 
 
 def test_permute_then_combine_is_the_weighted_sum_of_a_per_token_loop():
@@ -51,6 +62,13 @@ def test_source_to_expert_order_worked_example():
     assert index.tolist() == [0, 3, 4, 5, 1, 2]
     assert inverse_permutation(index).tolist() == [0, 4, 5, 1, 2, 3]
     assert source_to_expert_order([[0, 0], [0, 0]], torch.device("cpu")).numel() == 0
+
+
+def test_permute_rows_gradient_is_the_inverse_gather():
+    index = torch.tensor([2, 0, 3, 1])
+    x = torch.randn(4, 3, dtype=torch.double, requires_grad=True)
+    assert torch.equal(permute_rows(x, index, inverse_permutation(index)), x[index])
+    assert torch.autograd.gradcheck(lambda x: permute_rows(x, index, inverse_permutation(index)), (x,))
 
 
 def test_grouped_linear_equals_a_loop_with_empty_groups_and_gradients():
