@@ -29,3 +29,18 @@ def test_demo_checks_equality_then_trains_and_exits_cleanly():
 def test_demo_rejects_unknown_keys_by_name():
     run = torchrun("launch.demo", "--config", "configs/demo.toml", "moe.top_kk=1", nproc=1)
     assert run.returncode != 0 and "top_kk" in run.stderr
+
+
+def test_benchmark_smoke_run_reports_ratio_and_breakdown():
+    run = torchrun("launch.bench", "--quick", "--capacity", "none,1.0")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert run.stdout.count("ratio layer / floor") == 2
+    for phase in ("routing", "permutation", "all-to-all", "experts", "combine"):
+        assert phase in run.stdout
+
+
+def test_soak_smoke_run_on_four_ranks():
+    args = ("--steps", "30", "--warmup", "5", "--max-tokens", "256", "--log-every", "10")
+    run = torchrun("launch.soak", *args, nproc=4)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "soak: 30 steps" in run.stdout and "no hang, no error" in run.stdout

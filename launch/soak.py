@@ -1,0 +1,133 @@
+"""Soak: many steps of forward + backward + optimizer with random token counts and shifting skew.
+
+    torchrun --standalone --nproc-per-node 4 -m launch.soak [--steps 1000] [--max-tokens 4096]
+
+Two stacked MoE layers (dropless with a per-expert cap, then capacity 1.25)
+on every rank; each step every rank draws its own token count in
+0..max_tokens (0 included: empty ranks), and every 50 steps the inputs lean
+towards another expert, so the load, the drops and the all-to-all sizes keep
+changing. Rank 0 prints progress, then the resident memory of every rank:
+after the warm-up it must stay flat (growth under 10%). Exit code 1 if not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from datetime import timedelta
+
+import psutil
+import torch
+import torch.distributed as dist
+
+import expert_parallel as ep
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--max-tokens", type=int, default=4096)
+    parser.add_argument("--warmup", type=int, default=100, help="steps before the memory baseline")
+    parser.add_argument("--log-every", type=int, default=100)
+    parser.add_argument(
+        "--timeout-s", type=float, default=120, help="a collective stuck this long fails the run"
+    )
+    return parser.parse_args(argv)
+
+
+def say(*parts: object) -> None:
+    if dist.get_rank() == 0:
+        print(*parts, flush=True)
+
+
+def build(world: int) -> tuple[torch.nn.ModuleList, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    shape = dict(d_model=64, d_hidden=128, num_experts=2 * world, top_k=2)
+    layers = torch.nn.ModuleList(
+        [
+            ep.MoELayer(ep.MoEConfig(**shape, max_tokens_per_expert=4096 * world), dist.group.WORLD),
+            ep.MoELayer(ep.MoEConfig(**shape, capacity_factor=1.25, drop_policy="probs"), dist.group.WORLD),
+        ]
+    )
+    return layers, torch.optim.AdamW(layers.parameters(), lr=1e-3)
+
+
+def step(layers, optimizer, num_tokens: int, lean: torch.Tensor, generator) -> tuple[float, int, int]:
+    x = torch.randn(num_tokens, 64, generator=generator) + lean
+    target = torch.tanh(x.flip(-1))
+    hidden = x + layers[0](x)
+    out = hidden + layers[1](hidden)
+    loss = torch.nn.functional.mse_loss(out, target) if num_tokens else out.sum()
+    (loss + layers[0].aux_loss + layers[1].aux_loss).backward()
+    for layer in layers:  # the routers are replicated: average their gradients
+        for param in layer.router.parameters():
+            dist.all_reduce(param.grad)
+            param.grad /= dist.get_world_size()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    dropped = sum(layer.stats.num_dropped for layer in layers)
+    routed = sum(layer.stats.num_routed for layer in layers)
+    return loss.item(), dropped, routed
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    ep.init_distributed(backend="gloo", timeout=timedelta(seconds=args.timeout_s))
+    try:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        layers, optimizer = build(world)
+        generator = torch.Generator().manual_seed(100 + rank)
+        process = psutil.Process()
+        rss_mib: list[float] = []
+        totals = torch.zeros(3, dtype=torch.float64)  # tokens, dropped, routed
+        start = time.perf_counter()
+        for index in range(1, args.steps + 1):
+            num_tokens = int(torch.randint(0, args.max_tokens + 1, (), generator=generator))
+            favourite = (index // 50) % 64
+            lean = 1.5 * torch.nn.functional.one_hot(torch.tensor(favourite), 64).float()
+            loss, dropped, routed = step(layers, optimizer, num_tokens, lean, generator)
+            totals += torch.tensor([num_tokens, dropped, routed], dtype=torch.float64)
+            rss_mib.append(process.memory_info().rss / 2**20)
+            if index % args.log_every == 0 or index == args.steps:
+                summed = totals.clone()
+                dist.all_reduce(summed)
+                elapsed = time.perf_counter() - start
+                say(
+                    f"step {index:5d}/{args.steps}  loss {loss:.4f}  tokens {summed[0]:,.0f}  "
+                    f"dropped {summed[1] / max(summed[2], 1):.2%}  rank-0 RSS {rss_mib[-1]:.0f} MiB  "
+                    f"{elapsed:.0f} s, {elapsed / index * 1e3:.0f} ms/step"
+                )
+        return report(rss_mib, args.warmup, time.perf_counter() - start, args.steps)
+    finally:
+        ep.shutdown()
+
+
+def report(rss_mib: list[float], warmup: int, elapsed: float, steps: int) -> int:
+    """Memory after warm-up: baseline = median of the next 100 steps, final = median of the last 100."""
+    after = rss_mib[warmup:] or rss_mib
+    baseline, final = statistics.median(after[:100]), statistics.median(after[-100:])
+    mine = torch.tensor([baseline, final, max(after)], dtype=torch.float64)
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, mine)
+    worst = 0.0
+    for rank, (base, last, peak) in enumerate(t.tolist() for t in gathered):
+        growth = last / base - 1
+        worst = max(worst, growth)
+        say(
+            f"rank {rank}: RSS after warm-up {base:.0f} MiB, at the end {last:.0f} MiB "
+            f"({growth:+.1%}), peak {peak:.0f} MiB"
+        )
+    verdict = "flat" if worst < 0.10 else "GROWING"
+    say(
+        f"soak: {steps} steps in {elapsed:.0f} s, no hang, no error; "
+        f"memory {verdict} (worst growth {worst:+.1%})"
+    )
+    return 0 if worst < 0.10 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
