@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import tomllib
+import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -128,6 +129,31 @@ def load_toml(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
             node = node[section]
         node[leaf] = _parse_value(raw.strip())
     return tree
+
+
+def from_section(cls: type, section: str, values: dict):
+    """Build the dataclass `cls` from a TOML section, naming `section.key` in every error.
+
+    Unknown keys are rejected; values must match the field's annotation (int,
+    float, str, bool, or those | None); an int is accepted for a float.
+    """
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(values) - set(hints))
+    if unknown:
+        raise ValueError(f"unknown key(s) {[f'{section}.{k}' for k in unknown]}; known: {sorted(hints)}")
+    converted = {}
+    for key, value in values.items():
+        allowed = typing.get_args(hints[key]) or (hints[key],)
+        if value is None and type(None) in allowed:
+            converted[key] = None
+        elif float in allowed and isinstance(value, int) and not isinstance(value, bool):
+            converted[key] = float(value)
+        elif any(t is not type(None) and type(value) is t for t in allowed):
+            converted[key] = value
+        else:
+            names = " or ".join(getattr(t, "__name__", str(t)) for t in allowed)
+            raise ValueError(f"{section}.{key} must be {names}, got {value!r}")
+    return cls(**converted)
 
 
 def _parse_value(raw: str) -> object:

@@ -1,0 +1,295 @@
+"""A small decoder-only byte-level transformer whose feed-forwards may be MoE layers.
+
+Legend: B batch, S sequence (at most seq_len), D d_model, N heads, A head width
+D / N, F dense feed-forward hidden width, V vocab.
+
+The model knows nothing about process groups: every MoE layer is built with
+group=None and lives at `blocks[i].ffn`, where expert parallelism can swap it
+for a sharded one from outside.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ACTIVATIONS, MoEConfig
+from .layer import MoELayer
+
+_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "swiglu": F.silu}
+_INIT_STD = 0.02
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """What the transformer computes.
+
+    vocab_size: V (256 for bytes).     seq_len: the longest sequence, also the
+        size of the learned position embedding.
+    d_model: D.   n_layers: blocks.   n_heads: N, must divide d_model.
+    moe: the MoE feed-forward (None: every block is dense); its d_model and
+        d_out must equal d_model.
+    moe_every: k; blocks k-1, 2k-1, ... are MoE (1: all of them; 2: blocks 1, 3, ...).
+    d_ff_dense: F, hidden width of the dense feed-forwards (None -> 4 * d_model).
+    dense_activation: "relu", "gelu", "silu" or "swiglu", as in MoEConfig.
+    norm_eps: RMSNorm epsilon.   tie_embeddings: the LM head is the token embedding.
+
+    Attention and dense feed-forward Linears carry no biases, so a dense block of
+    width F = top_k * d_hidden has the active weights of an MoE block with
+    bias=False, less the router.
+    """
+
+    vocab_size: int = 256
+    seq_len: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    moe: MoEConfig | None = None
+    moe_every: int = 1
+    d_ff_dense: int | None = None
+    dense_activation: str = "gelu"
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "seq_len", "d_model", "n_layers", "n_heads", "moe_every"):
+            _check_int(name, getattr(self, name))
+        if self.d_model % self.n_heads:
+            raise ValueError(f"ModelConfig.n_heads={self.n_heads} must divide d_model={self.d_model}")
+        if self.d_ff_dense is None:
+            object.__setattr__(self, "d_ff_dense", 4 * self.d_model)
+        _check_int("d_ff_dense", self.d_ff_dense)
+        if self.dense_activation not in ACTIVATIONS:
+            raise ValueError(
+                f"ModelConfig.dense_activation must be one of {ACTIVATIONS}, got {self.dense_activation!r}"
+            )
+        eps = self.norm_eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps > 0):
+            raise ValueError(f"ModelConfig.norm_eps must be a finite number > 0, got {eps!r}")
+        if not isinstance(self.tie_embeddings, bool):
+            raise ValueError(f"ModelConfig.tie_embeddings must be a bool, got {self.tie_embeddings!r}")
+        if self.moe is None:
+            return
+        if not isinstance(self.moe, MoEConfig):
+            raise ValueError(
+                f"ModelConfig.moe must be a MoEConfig or None (ModelConfig.from_dict takes a dict), "
+                f"got {type(self.moe).__name__}"
+            )
+        for name in ("d_model", "d_out"):
+            if getattr(self.moe, name) != self.d_model:
+                raise ValueError(
+                    f"ModelConfig.moe.{name}={getattr(self.moe, name)} must equal "
+                    f"ModelConfig.d_model={self.d_model}"
+                )
+        if self.moe_every > self.n_layers:
+            raise ValueError(
+                f"ModelConfig.moe_every={self.moe_every} leaves no MoE block among n_layers={self.n_layers}"
+            )
+
+    def is_moe_block(self, index: int) -> bool:
+        return self.moe is not None and index % self.moe_every == self.moe_every - 1
+
+    def to_dict(self) -> dict:
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values["moe"] = None if self.moe is None else self.moe.to_dict()
+        return values
+
+    @classmethod
+    def from_dict(cls, values: dict) -> ModelConfig:
+        """A config from plain values; `moe` may be a dict (-> MoEConfig.from_dict)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"ModelConfig has no field(s) {unknown}; known: {sorted(known)}")
+        values = dict(values)
+        if isinstance(values.get("moe"), dict):
+            values["moe"] = MoEConfig.from_dict(values["moe"])
+        return cls(**values)
+
+
+class Attention(nn.Module):
+    """Causal multi-head self-attention."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.qkv = _linear(config.d_model, 3 * config.d_model, _INIT_STD)
+        self.proj = _linear(config.d_model, config.d_model, _residual_std(config))
+
+    def forward(self, x_BSD: Tensor) -> Tensor:
+        B, S, D = x_BSD.shape
+        N, A = self.n_heads, D // self.n_heads
+        q_BSD, k_BSD, v_BSD = self.qkv(x_BSD).split(D, dim=-1)
+        q_BNSA, k_BNSA, v_BNSA = (t.view(B, S, N, A).transpose(1, 2) for t in (q_BSD, k_BSD, v_BSD))
+        y_BNSA = F.scaled_dot_product_attention(q_BNSA, k_BNSA, v_BNSA, is_causal=True)
+        return self.proj(y_BNSA.transpose(1, 2).reshape(B, S, D))
+
+
+class DenseFFN(nn.Module):
+    """act(x @ w1) @ w2; swiglu: (silu(x @ w1) * (x @ w3)) @ w2, as the MoE experts compute."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        d, f = config.d_model, config.d_ff_dense
+        self.activation = config.dense_activation
+        self.w1 = _linear(d, f, _INIT_STD)
+        self.w3 = _linear(d, f, _INIT_STD) if self.activation == "swiglu" else None
+        self.w2 = _linear(f, d, _residual_std(config))
+
+    def forward(self, x_BSD: Tensor) -> Tensor:
+        h_BSF = _ACTIVATIONS[self.activation](self.w1(x_BSD))
+        if self.w3 is not None:
+            h_BSF = h_BSF * self.w3(x_BSD)
+        return self.w2(h_BSF)
+
+
+class Block(nn.Module):
+    """x + attn(norm(x)), then x + ffn(norm(x)); ffn is an MoELayer or a DenseFFN."""
+
+    def __init__(self, config: ModelConfig, index: int):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.attn = Attention(config)
+        self.ffn_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        if config.is_moe_block(index):
+            self.ffn = MoELayer(config.moe, group=None, name=f"blocks.{index}.ffn")
+        else:
+            self.ffn = DenseFFN(config)
+
+    def forward(self, x_BSD: Tensor) -> Tensor:
+        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD))
+        return x_BSD + self.ffn(self.ffn_norm(x_BSD))
+
+
+class Transformer(nn.Module):
+    """Token and learned position embeddings, n_layers pre-norm blocks, RMSNorm, LM head.
+
+    Initialisation draws only from torch's default generator, in construction
+    order: torch.manual_seed(s) before construction gives identical models.
+    Embeddings and Linears ~ N(0, 0.02), the projections back into the residual
+    stream ~ N(0, 0.02 / sqrt(2 * n_layers)) (GPT-2); MoE layers keep their own
+    layout-independent initialisation.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        self.pos_emb = nn.Embedding(config.seq_len, config.d_model)
+        for embedding in (self.tok_emb, self.pos_emb):
+            nn.init.normal_(embedding.weight, mean=0.0, std=_INIT_STD)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        if config.tie_embeddings:
+            self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+            self.lm_head.weight = self.tok_emb.weight
+        else:
+            self.lm_head = _linear(config.d_model, config.vocab_size, _INIT_STD)
+
+    def forward(self, tokens_BS: Tensor) -> Tensor:
+        """tokens [B, S] (integer ids, S <= seq_len) -> logits [B, S, V]."""
+        if tokens_BS.dim() != 2 or not 1 <= tokens_BS.shape[1] <= self.config.seq_len:
+            raise ValueError(
+                f"Transformer expects tokens [B, S] with 1 <= S <= seq_len={self.config.seq_len}, "
+                f"got {tuple(tokens_BS.shape)}"
+            )
+        positions_S = torch.arange(tokens_BS.shape[1], device=tokens_BS.device)
+        x_BSD = self.tok_emb(tokens_BS) + self.pos_emb(positions_S)
+        for block in self.blocks:
+            x_BSD = block(x_BSD)
+        return self.lm_head(self.norm(x_BSD))
+
+    def loss(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """tokens [B, S + 1] -> (lm_loss, aux_loss).
+
+        lm_loss: mean cross-entropy of predicting tokens[:, 1:] from tokens[:, :-1].
+        aux_loss: sum over the MoE layers of their `aux_loss` for this forward
+        (coefficients already applied; a 0.0 tensor without MoE layers).
+        """
+        if tokens.dim() != 2 or tokens.shape[1] < 2:
+            raise ValueError(
+                f"Transformer.loss expects tokens [B, S + 1] with S >= 1, got {tuple(tokens.shape)}"
+            )
+        logits_BSV = self(tokens[:, :-1])
+        # NOTE: fp32 cross-entropy, so that low-precision logits do not lose the loss's small differences.
+        lm_loss = F.cross_entropy(logits_BSV.flatten(0, 1).float(), tokens[:, 1:].reshape(-1))
+        aux_loss = torch.zeros((), device=lm_loss.device)
+        for _, layer in self.moe_layers():
+            aux_loss = aux_loss + layer.aux_loss
+        return lm_loss, aux_loss
+
+    def moe_layers(self) -> list[tuple[str, MoELayer]]:
+        """(name, layer) for every MoE feed-forward, in block order; names are `blocks.{i}.ffn`."""
+        return [(f"blocks.{i}.ffn", b.ffn) for i, b in enumerate(self.blocks) if isinstance(b.ffn, MoELayer)]
+
+    def num_params(self, active_only: bool = False) -> int:
+        """Parameters of the whole model, a tied embedding counted once.
+
+        MoE experts are counted from the config, so the answer is the same on
+        every rank whatever the expert-parallel layout: num_experts experts per
+        MoE layer, or top_k of them with active_only (the weights one token
+        uses; the router counts in full).
+        """
+        expert_params = {id(p) for _, layer in self.moe_layers() for p in layer.experts.parameters()}
+        count = sum(p.numel() for p in self.parameters() if id(p) not in expert_params)
+        for _, layer in self.moe_layers():
+            per_expert = sum(p.numel() for p in layer.experts.parameters()) // layer.num_local_experts
+            count += per_expert * (layer.config.top_k if active_only else layer.config.num_experts)
+        return count
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt_tokens: Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """prompt [S0] -> [S0 + max_new_tokens]: sample one token at a time from the
+        logits over the last seq_len tokens, divided by `temperature` (0: greedy) and
+        restricted to the `top_k` most likely. `generator` (on the model's device)
+        makes the samples reproducible.
+        """
+        if prompt_tokens.dim() != 1 or prompt_tokens.numel() == 0:
+            raise ValueError(f"generate expects a non-empty prompt [S0], got {tuple(prompt_tokens.shape)}")
+        if max_new_tokens < 0 or temperature < 0 or (top_k is not None and top_k < 1):
+            raise ValueError(
+                f"generate needs max_new_tokens >= 0, temperature >= 0, top_k >= 1 or None; got "
+                f"{max_new_tokens}, {temperature}, {top_k}"
+            )
+        tokens_S = prompt_tokens
+        for _ in range(max_new_tokens):
+            logits_V = self(tokens_S[-self.config.seq_len :].unsqueeze(0))[0, -1].float()
+            if temperature == 0:
+                next_1 = logits_V.argmax().view(1)
+            else:
+                logits_V = logits_V / temperature
+                if top_k is not None and top_k < logits_V.numel():
+                    kth_largest = torch.topk(logits_V, top_k).values[-1]
+                    logits_V = logits_V.masked_fill(logits_V < kth_largest, float("-inf"))
+                next_1 = torch.multinomial(logits_V.softmax(dim=-1), 1, generator=generator)
+            tokens_S = torch.cat([tokens_S, next_1.to(tokens_S.dtype)])
+        return tokens_S
+
+
+def _linear(d_in: int, d_out: int, std: float) -> nn.Linear:
+    linear = nn.Linear(d_in, d_out, bias=False)
+    nn.init.normal_(linear.weight, mean=0.0, std=std)
+    return linear
+
+
+def _residual_std(config: ModelConfig) -> float:
+    """GPT-2: each of the 2 * n_layers residual additions is scaled down, so the stream keeps its variance."""
+    return _INIT_STD / math.sqrt(2 * config.n_layers)
+
+
+def _check_int(name: str, value: object, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"ModelConfig.{name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"ModelConfig.{name} must be >= {minimum}, got {value!r}")

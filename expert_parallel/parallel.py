@@ -1,0 +1,120 @@
+"""Expert parallelism applied to a finished model: the dp x ep mesh, sharded MoE layers, gradient sums.
+
+The model is written unaware of ranks, with group=None MoE layers; `shard_experts`
+swaps each for a layer over the ep group that holds its slice of the experts.
+Rank r of the world sits at mesh position (dp = r // ep, ep = r % ep).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from .layer import MoELayer
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where this rank sits: dp replicas of ep expert shards; groups None when a dimension has size 1."""
+
+    dp: int
+    ep: int
+    dp_rank: int
+    ep_rank: int
+    dp_group: dist.ProcessGroup | None
+    ep_group: dist.ProcessGroup | None
+    mesh: DeviceMesh | None
+
+    @property
+    def world(self) -> int:
+        return self.dp * self.ep
+
+
+def make_layout(ep: int, device_type: str = "cpu") -> Layout:
+    """The dp x ep DeviceMesh over the default group (a 1 x 1 layout without one)."""
+    if not dist.is_initialized():
+        if ep != 1:
+            raise ValueError(f"parallel.ep={ep} needs a process group; launch with torchrun")
+        return Layout(1, 1, 0, 0, None, None, None)
+    world = dist.get_world_size()
+    if ep < 1 or world % ep:
+        raise ValueError(f"parallel.ep={ep} must divide the world size {world}")
+    mesh = init_device_mesh(device_type, (world // ep, ep), mesh_dim_names=("dp", "ep"))
+    rank = dist.get_rank()
+    dp_group = mesh.get_group("dp") if world // ep > 1 else None
+    ep_group = mesh.get_group("ep") if ep > 1 else None
+    return Layout(world // ep, ep, rank // ep, rank % ep, dp_group, ep_group, mesh)
+
+
+@torch.no_grad()
+def shard_experts(model: nn.Module, ep_group: dist.ProcessGroup | None) -> list[str]:
+    """Swap each group=None MoELayer for one over `ep_group` holding its slice; return their names.
+
+    The router is copied whole and each local expert from the global expert
+    of the same id, so the sharded model computes what the full one did.
+    """
+    names = []
+    if ep_group is None:
+        return names
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, MoELayer) or module.group is not None:
+            continue
+        sharded = MoELayer(module.config, ep_group, name=name).to(module.router.weight.device)
+        sharded.router.load_state_dict(module.router.state_dict())
+        local = slice(sharded.first_expert, sharded.first_expert + sharded.num_local_experts)
+        for pname, param in sharded.experts.named_parameters():
+            param.copy_(getattr(module.experts, pname)[local])
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, sharded)
+        names.append(name)
+    return names
+
+
+def expert_parameters(model: nn.Module) -> set[int]:
+    """ids of the parameters that belong to the experts of MoE layers."""
+    return {
+        id(param)
+        for module in model.modules()
+        if isinstance(module, MoELayer)
+        for param in module.experts.parameters()
+    }
+
+
+def sum_gradients(model: nn.Module, layout: Layout) -> None:
+    """Sum gradients so that every rank holds the gradient of the whole global batch.
+
+    Each rank's loss is already scaled by 1 / (micro-batches in the global
+    batch). Dense parameters (the router included) saw only this rank's
+    tokens: summed over the world. An expert's gradient already holds every
+    ep rank's tokens, brought home by the backward all-to-all: summed over the
+    dp ranks that hold the same expert. With ep = 1 the experts are replicated
+    like any dense parameter, and the dp group is the world.
+    """
+    if layout.world == 1:
+        return
+    params = [p for p in model.parameters() if p.requires_grad]
+    for param in params:  # a parameter this rank never used still takes part in the sums
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+    experts = expert_parameters(model) if layout.ep > 1 else set()
+    dense = [p.grad for p in params if id(p) not in experts]
+    sharded = [p.grad for p in params if id(p) in experts]
+    _all_reduce_flat(dense, None)
+    if layout.dp_group is not None:
+        _all_reduce_flat(sharded, layout.dp_group)
+
+
+def _all_reduce_flat(grads: list[torch.Tensor], group: dist.ProcessGroup | None) -> None:
+    """One all-reduce (sum) over a flat copy of `grads`, instead of one per tensor."""
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=group)
+    offset = 0
+    for grad in grads:
+        grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
+        offset += grad.numel()

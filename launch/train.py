@@ -1,0 +1,314 @@
+"""Train a byte-level MoE language model on the Python standard library, data x expert parallel.
+
+    torchrun --standalone --nproc-per-node 2 -m launch.train --config configs/tiny.toml [key=value ...]
+    python -m launch.train --config configs/tiny.toml parallel.ep=1          # one process, no torchrun
+
+world = dp x ep ranks on a DeviceMesh: experts are sharded over ep, every rank
+reads different micro-batches of the same global batch. Each step covers
+train.global_batch sequences in micro-batches of train.micro_batch; routing,
+and so capacity, is per micro-batch. Writes <out_dir>/metrics.jsonl (a line
+per step), <out_dir>/summary.json and checkpoints under <out_dir>/checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import psutil
+import torch
+import torch.distributed as dist
+
+import expert_parallel as ep
+from expert_parallel import data
+from expert_parallel.config import from_section, load_toml
+from expert_parallel.model import ModelConfig, Transformer
+from expert_parallel.parallel import Layout, expert_parameters, make_layout, shard_experts, sum_gradients
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int
+    global_batch: int  # sequences per optimizer step
+    micro_batch: int  # sequences per forward on one rank
+    out_dir: str
+    checkpoint_every: int = 0  # 0: never
+    seed: int = 0
+    lr: float = 3e-3
+    min_lr_fraction: float = 0.1
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    eval_every: int = 50
+    eval_batches: int = 8
+    log_every: int = 10
+    max_corpus_bytes: int | None = None  # cap on each of train and validation text (None: all)
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    ep: int = 1  # expert-parallel size; dp = world / ep
+    timeout_s: float = 300.0  # a collective waiting longer than this fails the run
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig
+    train: TrainConfig
+    parallel: ParallelConfig
+
+    @classmethod
+    def from_tree(cls, tree: dict) -> RunConfig:
+        unknown = sorted(set(tree) - {"model", "moe", "train", "parallel"})
+        if unknown:
+            raise ValueError(f"unknown section(s) {unknown}; known: model, moe, train, parallel")
+        model = dict(tree.get("model", {}))
+        if "moe" in tree:
+            model["moe"] = {"d_model": model.get("d_model"), **tree["moe"]}
+        return cls(
+            model=ModelConfig.from_dict(model),
+            train=from_section(TrainConfig, "train", tree.get("train", {})),
+            parallel=from_section(ParallelConfig, "parallel", tree.get("parallel", {})),
+        )
+
+    def to_dict(self) -> dict:
+        return {"model": self.model.to_dict(), "train": asdict(self.train), "parallel": asdict(self.parallel)}
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to min_lr_fraction * lr at the last step."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    floor = config.min_lr_fraction
+    return config.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def global_grad_norm(model: Transformer, layout: Layout) -> torch.Tensor:
+    """L2 norm of the whole model's gradient: dense parts are identical on every rank, experts are sharded."""
+    experts = expert_parameters(model) if layout.ep > 1 else set()
+    dense_sq = sum((p.grad.double().square().sum() for p in model.parameters() if id(p) not in experts), 0.0)
+    expert_sq = sum((p.grad.double().square().sum() for p in model.parameters() if id(p) in experts), 0.0)
+    expert_sq = torch.as_tensor(expert_sq, dtype=torch.float64)
+    if layout.ep_group is not None:
+        dist.all_reduce(expert_sq, group=layout.ep_group)
+    return (dense_sq + expert_sq).sqrt()
+
+
+class Trainer:
+    def __init__(self, config: RunConfig, layout: Layout, device: torch.device):
+        self.config, self.layout, self.device = config, layout, device
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        train = config.train
+        if train.global_batch % (train.micro_batch * layout.world):
+            raise ValueError(
+                f"train.global_batch={train.global_batch} must be divisible by train.micro_batch * world "
+                f"= {train.micro_batch} * {layout.world}"
+            )
+        self.micro_batches_per_step = train.global_batch // train.micro_batch
+        torch.manual_seed(train.seed)
+        model = Transformer(config.model)
+        shard_experts(model, layout.ep_group)
+        self.model = model.to(device)
+        decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2]
+        no_decay = [p for n, p in self.model.named_parameters() if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": train.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=train.lr,
+            betas=(0.9, 0.95),
+        )
+        self.train_corpus, self.val_corpus = data.load_corpus(max_bytes=train.max_corpus_bytes)
+        self.step = 0
+        self.out_dir = Path(train.out_dir)
+
+    def say(self, *parts: object) -> None:
+        if self.rank == 0:
+            print(*parts, flush=True)
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        if self.layout.world == 1:
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor)
+        return tensor.tolist()
+
+    def all_max(self, values: list[float]) -> list[float]:
+        if self.layout.world == 1:
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tensor.tolist()
+
+    def train_step(self) -> dict:
+        """One optimizer step over the global batch; returns its metrics (identical on every rank)."""
+        train, layout = self.config.train, self.layout
+        started = time.perf_counter()
+        batch = data.global_batch(
+            self.train_corpus, self.step, train.global_batch, self.config.model.seq_len, train.seed
+        )
+        mine = data.micro_batches(batch, self.rank, layout.world, train.micro_batch)
+        moe_layers = [layer for _, layer in self.model.moe_layers()]
+        lm_sum, aux_sum, dropped, routed = 0.0, 0.0, 0, 0
+        load_E = [torch.zeros(layer.config.num_experts, dtype=torch.float64) for layer in moe_layers]
+        for tokens in mine:
+            lm_loss, aux_loss = self.model.loss(tokens.to(self.device))
+            ((lm_loss + aux_loss) / self.micro_batches_per_step).backward()
+            lm_loss, aux_loss = lm_loss.detach(), aux_loss.detach()
+            lm_sum, aux_sum = lm_sum + lm_loss.item(), aux_sum + aux_loss.item()
+            for layer, load in zip(moe_layers, load_E):
+                load += layer.stats.tokens_per_expert.double().cpu()
+                dropped, routed = dropped + layer.stats.num_dropped, routed + layer.stats.num_routed
+        sum_gradients(self.model, layout)
+        grad_norm = global_grad_norm(self.model, layout)
+        if train.grad_clip > 0:
+            scale = torch.clamp(train.grad_clip / (grad_norm + 1e-6), max=1.0)
+            for param in self.model.parameters():
+                param.grad.mul_(scale.to(param.grad.dtype))
+        lr = lr_at(self.step, train)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+
+        totals = self.all_sum(
+            [lm_sum, aux_sum, dropped, routed, *[x for load in load_E for x in load.tolist()]]
+        )
+        loads = torch.tensor(totals[4:]).view(len(moe_layers), -1) if moe_layers else torch.zeros(0, 1)
+        imbalance = (loads.max(dim=1).values / loads.mean(dim=1).clamp_min(1e-9)).tolist()
+        seconds, peak_rss = self.all_max([time.perf_counter() - started, psutil.Process().memory_info().rss])
+        tokens = train.global_batch * self.config.model.seq_len
+        return {
+            "step": self.step,
+            "loss": totals[0] / self.micro_batches_per_step,
+            "aux_loss": totals[1] / self.micro_batches_per_step,
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "tokens_per_s": tokens / seconds,
+            "step_time_s": seconds,
+            "dropped_fraction": totals[2] / max(totals[3], 1),
+            "expert_load_max_over_mean": max(imbalance, default=1.0),
+            "expert_load_per_layer": imbalance,
+            "peak_rss_mib": peak_rss / 2**20,
+        }
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean next-byte loss over fixed validation batches, split across the ranks."""
+        train, world = self.config.train, self.layout.world
+        size = train.micro_batch
+        batches = data.val_batches(
+            self.val_corpus, train.eval_batches * world, size, self.config.model.seq_len
+        )
+        self.model.eval()
+        total = sum(self.model.loss(b.to(self.device))[0].item() for b in batches[self.rank :: world])
+        self.model.train()
+        return self.all_sum([total])[0] / len(batches)
+
+    def run(self) -> dict:
+        train = self.config.train
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.rank == 0:
+            (self.out_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        metrics_path = self.out_dir / "metrics.jsonl"
+        started, tokens_done, val_loss = time.perf_counter(), 0, None
+        with open(metrics_path, "a" if self.step else "w") if self.rank == 0 else _NullFile() as metrics:
+            while self.step < train.steps:
+                row = self.train_step()
+                tokens_done += train.global_batch * self.config.model.seq_len
+                if self.step % train.eval_every == 0 or self.step == train.steps:
+                    row["val_loss"] = val_loss = self.evaluate()
+                metrics.write(json.dumps(row) + "\n")
+                metrics.flush()
+                if self.step % train.log_every == 0 or self.step == train.steps or self.step == 1:
+                    self.log(row, started, tokens_done)
+        elapsed = time.perf_counter() - started
+        summary = {
+            "steps": self.step,
+            "val_loss": val_loss,
+            "final_loss": row["loss"],
+            "tokens_per_s": tokens_done / elapsed,
+            "seconds": elapsed,
+            "world": self.layout.world,
+            "dp": self.layout.dp,
+            "ep": self.layout.ep,
+            "params": self.model.num_params(),
+            "active_params": self.model.num_params(active_only=True),
+        }
+        if self.rank == 0:
+            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+
+    def log(self, row: dict, started: float, tokens_done: int) -> None:
+        elapsed = time.perf_counter() - started
+        rate = tokens_done / elapsed
+        remaining = (
+            (self.config.train.steps - self.step) * self.config.train.global_batch * self.config.model.seq_len
+        )
+        val = f"  val {row['val_loss']:.4f}" if "val_loss" in row else ""
+        self.say(
+            f"step {self.step:5d}/{self.config.train.steps}  loss {row['loss']:.4f}{val}  "
+            f"aux {row['aux_loss']:.4f}  "
+            f"dropped {row['dropped_fraction']:6.2%}  load {row['expert_load_max_over_mean']:.2f}  "
+            f"{rate:,.0f} tok/s  ETA {remaining / max(rate, 1e-9):.0f} s"
+        )
+
+
+class _NullFile:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def write(self, _text: str) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", required=True)
+    parser.add_argument("overrides", nargs="*", help="section.key=value")
+    args = parser.parse_args(argv)
+    config = RunConfig.from_tree(load_toml(args.config, args.overrides))
+
+    distributed = "WORLD_SIZE" in os.environ  # under torchrun
+    device = torch.device("cpu")
+    if distributed:
+        device = ep.init_distributed(timeout=timedelta(seconds=config.parallel.timeout_s))
+    try:
+        layout = make_layout(config.parallel.ep, device.type)
+        trainer = Trainer(config, layout, device)
+        trainer.say(
+            f"{layout.world} rank(s): dp {layout.dp} x ep {layout.ep}; "
+            f"{trainer.model.num_params() / 1e6:.2f}M parameters, "
+            f"{trainer.model.num_params(active_only=True) / 1e6:.2f}M active per token; "
+            f"corpus {len(trainer.train_corpus):,} train / {len(trainer.val_corpus):,} validation bytes"
+        )
+        summary = trainer.run()
+        trainer.say(
+            f"done: {summary['steps']} steps, val loss {summary['val_loss']:.4f}, "
+            f"{summary['tokens_per_s']:,.0f} tokens/s, {summary['seconds']:.0f} s -> {config.train.out_dir}"
+        )
+        return 0
+    finally:
+        ep.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
