@@ -1,6 +1,1 @@
-"""torchrun entry points: `python -m torch.distributed.run ... -m launch.<name>`."""
-
-import warnings
-
-# torch warns at import when numpy is absent; nothing here needs numpy.
-warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+"""torchrun entry points: `torchrun ... -m launch.<name>`, or `python -m launch.<name>` for one process."""

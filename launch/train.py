@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 import expert_parallel as ep
-from expert_parallel import data
+from expert_parallel import checkpoint, data
 from expert_parallel.config import from_section, load_toml
 from expert_parallel.model import ModelConfig, Transformer
 from expert_parallel.parallel import Layout, expert_parameters, make_layout, shard_experts, sum_gradients
@@ -128,8 +128,12 @@ class Trainer:
             betas=(0.9, 0.95),
         )
         self.train_corpus, self.val_corpus = data.load_corpus(max_bytes=train.max_corpus_bytes)
-        self.step = 0
         self.out_dir = Path(train.out_dir)
+        self.step = 0
+        found = checkpoint.latest(self.out_dir / "checkpoints")
+        if found is not None:
+            self.step = checkpoint.load(found, self.model, self.optimizer)
+            self.say(f"resumed from {found} (step {self.step})")
 
     def say(self, *parts: object) -> None:
         if self.rank == 0:
@@ -221,8 +225,10 @@ class Trainer:
         if self.rank == 0:
             (self.out_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
         metrics_path = self.out_dir / "metrics.jsonl"
-        started, tokens_done, val_loss = time.perf_counter(), 0, None
-        with open(metrics_path, "a" if self.step else "w") if self.rank == 0 else _NullFile() as metrics:
+        if self.rank == 0:
+            keep_metrics_up_to(metrics_path, self.step)
+        started, tokens_done, val_loss, row = time.perf_counter(), 0, None, {"loss": None}
+        with open(metrics_path, "a") if self.rank == 0 else _NullFile() as metrics:
             while self.step < train.steps:
                 row = self.train_step()
                 tokens_done += train.global_batch * self.config.model.seq_len
@@ -232,12 +238,19 @@ class Trainer:
                 metrics.flush()
                 if self.step % train.log_every == 0 or self.step == train.steps or self.step == 1:
                     self.log(row, started, tokens_done)
+                if train.checkpoint_every and self.step % train.checkpoint_every == 0:
+                    saved = checkpoint.save(
+                        self.out_dir / "checkpoints", self.step, self.model, self.optimizer
+                    )
+                    self.say(f"saved {saved}")
         elapsed = time.perf_counter() - started
+        if val_loss is None:  # resumed at the last step: nothing trained, still report
+            val_loss = self.evaluate()
         summary = {
             "steps": self.step,
             "val_loss": val_loss,
             "final_loss": row["loss"],
-            "tokens_per_s": tokens_done / elapsed,
+            "tokens_per_s": tokens_done / max(elapsed, 1e-9),
             "seconds": elapsed,
             "world": self.layout.world,
             "dp": self.layout.dp,
@@ -262,6 +275,14 @@ class Trainer:
             f"dropped {row['dropped_fraction']:6.2%}  load {row['expert_load_max_over_mean']:.2f}  "
             f"{rate:,.0f} tok/s  ETA {remaining / max(rate, 1e-9):.0f} s"
         )
+
+
+def keep_metrics_up_to(path: Path, step: int) -> None:
+    """Drop metric lines past `step`: a resumed run writes them again, as the uninterrupted run did."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in lines))
 
 
 class _NullFile:

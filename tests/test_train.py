@@ -79,3 +79,22 @@ def test_unknown_keys_and_ill_typed_values_are_named(tmp_path):
     ):
         run = subprocess.run([*cmd, override], cwd=REPO, capture_output=True, text=True, timeout=60)
         assert run.returncode != 0 and words in run.stderr, (override, run.stderr[-1500:])
+
+
+def test_resume_continues_exactly_and_reshards_across_ep_sizes(tmp_path):
+    common = ("train.steps=6", "train.checkpoint_every=3", "train.eval_every=100")
+    train(tmp_path / "whole", 2, "parallel.ep=2", *common)
+    whole = losses(tmp_path / "whole")
+
+    # Stopped after step 3, started again with the same out_dir: it resumes from step_3.
+    train(tmp_path / "again", 2, "parallel.ep=2", "train.steps=3", "train.checkpoint_every=3")
+    run = train(tmp_path / "again", 2, "parallel.ep=2", *common)
+    assert "resumed from" in run.stdout and "(step 3)" in run.stdout
+    assert losses(tmp_path / "again") == whole  # same layout: bit for bit
+
+    # Saved with ep=2 (two expert shards), resumed in one process holding all experts.
+    train(tmp_path / "reshard", 2, "parallel.ep=2", "train.steps=3", "train.checkpoint_every=3")
+    train(tmp_path / "reshard", 1, "parallel.ep=1", *common)
+    assert losses(tmp_path / "reshard") == pytest.approx(whole, rel=1e-4)
+    names = sorted(p.name for p in (tmp_path / "reshard" / "checkpoints").iterdir())
+    assert names == ["step_3", "step_6"]  # no .partial left behind

@@ -1,0 +1,209 @@
+"""Checkpoints through torch.distributed.checkpoint, keyed by global expert id so that they reshard.
+
+Layout of the flat state: dense parameters under their names; each expert
+tensor split per global expert, `<layer>.experts.<w>.<g>` ([D, H] for w1 of
+expert g); optimizer moments the same way under `optim.`; the step and the
+RNG state under `trainer.`. A rank holds only its local experts' keys, so a
+checkpoint saved at one ep size loads at any other that divides the expert
+count: each rank asks for the experts it now owns.
+
+Saves are atomic: every rank writes `step_<N>.partial/`, then rank 0 renames
+it to `step_<N>/` once all have finished; a crash in between leaves the
+previous checkpoint as the latest.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import re
+import shutil
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import Tensor, nn
+from torch.distributed.checkpoint.api import CheckpointException
+
+from .layer import MoELayer
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read: missing, truncated, corrupted or unsafe. Names the path."""
+
+
+def expert_tensor_names(model: nn.Module) -> dict[str, int]:
+    """Parameter name -> first global expert id, for every stacked expert parameter of the model."""
+    return {
+        f"{layer_name}.experts.{pname}": layer.first_expert
+        for layer_name, layer in model.named_modules()
+        if isinstance(layer, MoELayer)
+        for pname, _ in layer.experts.named_parameters()
+    }
+
+
+def _split(key: str, tensor: Tensor, first_expert: int | None) -> dict[str, Tensor]:
+    """{key: tensor}, or for stacked expert tensors one view per local expert keyed by its global id."""
+    if first_expert is None or tensor.dim() == 0:
+        return {key: tensor}
+    return {f"{key}.{first_expert + j}": tensor[j] for j in range(tensor.shape[0])}
+
+
+def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> dict[str, Tensor]:
+    """The flat state of this rank: views into the live tensors, so loading writes straight into them."""
+    experts = expert_tensor_names(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    state: dict[str, Tensor] = {}
+    for name, param in model.named_parameters():
+        state.update(_split(name, param.data, experts.get(name)))
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            name = names[id(param)]
+            slots = optimizer.state[param]
+            if not slots:  # before the first step: AdamW's initial state, so there is something to load into
+                slots.update(
+                    step=torch.tensor(0.0),
+                    exp_avg=torch.zeros_like(param),
+                    exp_avg_sq=torch.zeros_like(param),
+                )
+            for slot, value in slots.items():
+                state.update(_split(f"optim.{name}.{slot}", value, experts.get(name)))
+    state["trainer.step"] = torch.tensor(step)
+    state["trainer.rng"] = torch.get_rng_state()
+    return state
+
+
+def save(directory: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> Path:
+    """Write `<directory>/step_<step>/` atomically from every rank; returns its path."""
+    final = directory / f"step_{step}"
+    partial = directory / f"step_{step}.partial"
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    _barrier()
+    with _quiet_single_process():
+        dcp.save(
+            training_state(model, optimizer, step), checkpoint_id=partial, no_dist=not dist.is_initialized()
+        )
+    _barrier()
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)
+    _barrier()
+    return final
+
+
+def latest(directory: Path) -> Path | None:
+    """The complete checkpoint with the highest step under `directory`, if any."""
+    if not directory.is_dir():
+        return None
+    found = [
+        (int(m.group(1)), path)
+        for path in directory.iterdir()
+        if (m := _STEP_DIR.match(path.name)) and (path / ".metadata").is_file()
+    ]
+    return max(found)[1] if found else None
+
+
+def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Load a checkpoint into the live model and optimizer (any ep layout); returns its step."""
+    metadata = _read_metadata_safely(path / ".metadata")
+    _check_data_files_complete(path, metadata)
+    state = training_state(model, optimizer, step=0)
+    try:
+        with _quiet_single_process():
+            dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
+    except (Exception, CheckpointException) as err:  # DCP raises many kinds; the user needs the path
+        raise CheckpointError(f"cannot load checkpoint {path}: {err}") from err
+    torch.set_rng_state(state["trainer.rng"])
+    return int(state["trainer.step"])
+
+
+_SAFE_BUILTINS = {
+    "dict",
+    "list",
+    "tuple",
+    "set",
+    "frozenset",
+    "int",
+    "float",
+    "str",
+    "bytes",
+    "bool",
+    "slice",
+}
+
+
+class _PlainDataUnpickler(pickle.Unpickler):
+    """Unpickles only DCP's metadata classes, torch sizes, dtypes and layouts, and builtin containers."""
+
+    def find_class(self, module: str, name: str):
+        allowed = (
+            module.startswith("torch.distributed.checkpoint.")
+            or (module == "builtins" and name in _SAFE_BUILTINS)
+            or (module == "collections" and name == "OrderedDict")
+            or (module == "torch" and name in _SAFE_TORCH)
+            or (module == "torch.serialization" and name == "_get_layout")  # torch.strided, by name
+            or (
+                module == "pathlib"
+                and name in ("PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath")
+            )
+        )
+        if not allowed:
+            raise CheckpointError(f"checkpoint metadata refers to {module}.{name}, which no checkpoint needs")
+        return super().find_class(module, name)
+
+
+_SAFE_TORCH = {"Size", "strided", "contiguous_format", "preserve_format"} | {
+    name for name in dir(torch) if isinstance(getattr(torch, name, None), torch.dtype)
+}
+
+
+def _read_metadata_safely(metadata: Path):
+    """NOTE: DCP reads its .metadata with plain pickle.load, which can run code. Read it first with an
+    unpickler that only builds DCP's own metadata classes, so a hostile file fails here instead."""
+    try:
+        raw = metadata.read_bytes()
+    except OSError as err:
+        raise CheckpointError(f"cannot read checkpoint metadata {metadata}: {err}") from err
+    try:
+        return _PlainDataUnpickler(io.BytesIO(raw)).load()
+    except CheckpointError:
+        raise
+    except Exception as err:
+        raise CheckpointError(f"checkpoint metadata {metadata} is truncated or corrupted: {err}") from err
+
+
+def _check_data_files_complete(path: Path, metadata) -> None:
+    """Every byte range the metadata points at must exist: name the file a truncated save left short."""
+    needed: dict[str, int] = {}
+    for info in getattr(metadata, "storage_data", {}).values():
+        name = str(info.relative_path)
+        needed[name] = max(needed.get(name, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        file = path / name
+        actual = file.stat().st_size if file.is_file() else None
+        if actual is None or actual < size:
+            have = "is missing" if actual is None else f"holds {actual} bytes"
+            raise CheckpointError(f"checkpoint data file {file} {have}; the metadata needs {size}")
+
+
+@contextmanager
+def _quiet_single_process() -> Iterator[None]:
+    """DCP warns that it assumes one process when there is no group, which is exactly what we mean."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
