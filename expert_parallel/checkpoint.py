@@ -56,13 +56,20 @@ def _split(key: str, tensor: Tensor, first_expert: int | None) -> dict[str, Tens
     return {f"{key}.{first_expert + j}": tensor[j] for j in range(tensor.shape[0])}
 
 
-def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> dict[str, Tensor]:
-    """The flat state of this rank: views into the live tensors, so loading writes straight into them."""
+def model_state(model: nn.Module) -> dict[str, Tensor]:
+    """The model's flat state on this rank: views into the live parameters."""
     experts = expert_tensor_names(model)
-    names = {id(p): n for n, p in model.named_parameters()}
     state: dict[str, Tensor] = {}
     for name, param in model.named_parameters():
         state.update(_split(name, param.data, experts.get(name)))
+    return state
+
+
+def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> dict[str, Tensor]:
+    """Model, optimizer, step and RNG on this rank: views into the live tensors, loaded in place."""
+    experts = expert_tensor_names(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    state = model_state(model)
     for group in optimizer.param_groups:
         for param in group["params"]:
             name = names[id(param)]
@@ -113,18 +120,26 @@ def latest(directory: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
-    """Load a checkpoint into the live model and optimizer (any ep layout); returns its step."""
+def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
+    """Load a checkpoint into the live model (and optimizer, and RNG) in any ep layout; returns its step."""
+    if optimizer is None:
+        state = {**model_state(model), "trainer.step": torch.tensor(0)}
+    else:
+        state = training_state(model, optimizer, step=0)
+    _load_into(path, state)
+    if optimizer is not None:
+        torch.set_rng_state(state["trainer.rng"])
+    return int(state["trainer.step"])
+
+
+def _load_into(path: Path, state: dict[str, Tensor]) -> None:
     metadata = _read_metadata_safely(path / ".metadata")
     _check_data_files_complete(path, metadata)
-    state = training_state(model, optimizer, step=0)
     try:
         with _quiet_single_process():
             dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
     except (Exception, CheckpointException) as err:  # DCP raises many kinds; the user needs the path
         raise CheckpointError(f"cannot load checkpoint {path}: {err}") from err
-    torch.set_rng_state(state["trainer.rng"])
-    return int(state["trainer.step"])
 
 
 _SAFE_BUILTINS = {
