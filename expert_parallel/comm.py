@@ -11,8 +11,10 @@ import gc
 import json
 import os
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
@@ -46,17 +48,46 @@ def _naming_failures(what: str, group: dist.ProcessGroup) -> Iterator[None]:
         ) from err
 
 
+@dataclass
+class ExchangeClock:
+    """Host seconds a layer spent in its collectives, forward and backward, since the last `reset`.
+
+    With gloo the collectives block, so this is their wall time; with NCCL it
+    is only the time to launch them.
+    """
+
+    seconds: float = 0.0
+
+    @contextmanager
+    def timing(self) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def reset(self) -> float:
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
+
+
 class _AllToAll(torch.autograd.Function):
     """all_to_all_single with uneven splits; its backward is the reverse exchange."""
 
     @staticmethod
     def forward(
-        ctx, x: Tensor, output_splits: list[int], input_splits: list[int], group, what: str
+        ctx,
+        x: Tensor,
+        output_splits: list[int],
+        input_splits: list[int],
+        group,
+        what: str,
+        clock: ExchangeClock,
     ) -> Tensor:
         ctx.splits = (output_splits, input_splits)
-        ctx.group, ctx.what = group, what
+        ctx.group, ctx.what, ctx.clock = group, what, clock
         out = x.new_empty((sum(output_splits), *x.shape[1:]))
-        with _naming_failures(f"MoE all-to-all ({what}, forward)", group):
+        with _naming_failures(f"MoE all-to-all ({what}, forward)", group), clock.timing():
             dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group)
         return out
 
@@ -64,44 +95,27 @@ class _AllToAll(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         output_splits, input_splits = ctx.splits
         grad_in = grad_out.new_empty((sum(input_splits), *grad_out.shape[1:]))
-        with _naming_failures(f"MoE all-to-all ({ctx.what}, backward)", ctx.group):
+        with _naming_failures(f"MoE all-to-all ({ctx.what}, backward)", ctx.group), ctx.clock.timing():
             dist.all_to_all_single(
                 grad_in, grad_out.contiguous(), input_splits, output_splits, group=ctx.group
             )
-        return grad_in, None, None, None, None
+        return grad_in, None, None, None, None, None
 
 
 def all_to_all(
-    x: Tensor, output_splits: list[int], input_splits: list[int], group, what: str = "tokens"
+    x: Tensor,
+    output_splits: list[int],
+    input_splits: list[int],
+    group,
+    what: str = "tokens",
+    clock: ExchangeClock | None = None,
 ) -> Tensor:
     """Send x's rows split by `input_splits` to the ranks of `group`; receive `output_splits` rows."""
-    return _AllToAll.apply(x, output_splits, input_splits, group, what)
-
-
-def exchange_counts(
-    rows_per_expert_E: Tensor, status: list[int], group: dist.ProcessGroup
-) -> tuple[list[list[int]], list[list[int]]]:
-    """Rows every rank will send this rank per local expert, and every rank's status.
-
-    Returns rows_from[p][j] (rows rank p sends for local expert j) and
-    status_from[p] (the `status` ints rank p passed). Host ints.
-    NOTE: counts go first, in a fixed-size exchange, because the token
-    all-to-all needs every rank's split sizes and ranks may hold any number
-    of tokens, including none. The status rides along so that a rank with
-    bad input can make every rank fail instead of leaving them waiting. Host sync.
-    """
-    size = dist.get_world_size(group)
-    status_P = torch.tensor(status, dtype=torch.long, device=rows_per_expert_E.device).expand(size, -1)
-    send_P = torch.cat([rows_per_expert_E.view(size, -1), status_P], dim=1).contiguous()
-    received_P = torch.empty_like(send_P)
-    with _naming_failures("MoE count exchange", group):
-        dist.all_to_all_single(received_P, send_P, group=group)
-    rows = received_P.tolist()
-    return [row[: -len(status)] for row in rows], [row[-len(status) :] for row in rows]
+    return _AllToAll.apply(x, output_splits, input_splits, group, what, clock or ExchangeClock())
 
 
 def gather_counts(
-    rows_per_expert_E: Tensor, status: list[int], group: dist.ProcessGroup
+    rows_per_expert_E: Tensor, status: list[int], group: dist.ProcessGroup, clock: ExchangeClock | None = None
 ) -> tuple[list[list[int]], list[list[int]]]:
     """Every rank's rows per global expert, and every rank's status: [P][E] and [P][len(status)] host ints.
 
@@ -116,7 +130,7 @@ def gather_counts(
     status_S = torch.tensor(status, dtype=torch.long, device=rows_per_expert_E.device)
     mine = torch.cat([rows_per_expert_E.long(), status_S])
     gathered = [torch.empty_like(mine) for _ in range(size)]
-    with _naming_failures("MoE count exchange", group):
+    with _naming_failures("MoE count exchange", group), (clock or ExchangeClock()).timing():
         dist.all_gather(gathered, mine, group=group)
     rows = torch.stack(gathered).tolist()
     return [row[: -len(status)] for row in rows], [row[-len(status) :] for row in rows]

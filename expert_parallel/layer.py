@@ -79,6 +79,7 @@ class MoELayer(nn.Module):
         self.reset_parameters(comm.agree_on_init(config.to_dict(), seed, self.group))
         self.aux_loss: Tensor | None = None
         self.stats: RoutingStats | None = None
+        self.exchange_clock = comm.ExchangeClock()  # seconds in collectives, forward and backward
 
     @torch.no_grad()
     def reset_parameters(self, seed: int) -> None:
@@ -135,7 +136,7 @@ class MoELayer(nn.Module):
             rows_per_expert_E = routing.tokens_per_expert
         dtype_code = _DTYPE_CODES.get(x.dtype, -1) if isinstance(x, Tensor) else -1
         rows_PE, status_P = comm.gather_counts(
-            rows_per_expert_E, [int(problem is not None), dtype_code], self.group
+            rows_per_expert_E, [int(problem is not None), dtype_code], self.group, self.exchange_clock
         )
         if problem is not None:
             raise problem[0](f"{self.where}: {problem[1]}")
@@ -174,7 +175,7 @@ class MoELayer(nn.Module):
         rows_from_Pe = [row[self.first_expert : self.first_expert + e] for row in rows_PE]
         send_splits = [sum(plan.rows_per_expert[p * e : (p + 1) * e]) for p in range(size)]
         recv_splits = [sum(row) for row in rows_from_Pe]
-        x_SD = comm.all_to_all(x_RD, recv_splits, send_splits, self.group, "dispatch")
+        x_SD = comm.all_to_all(x_RD, recv_splits, send_splits, self.group, "dispatch", self.exchange_clock)
         rows_per_local_expert = [sum(column) for column in zip(*rows_from_Pe)]
         if e == 1:
             y_SO = self.experts(x_SD, rows_per_local_expert)
@@ -183,7 +184,7 @@ class MoELayer(nn.Module):
             by_source_S = inverse_permutation(by_expert_S)
             y_SO = self.experts(permute_rows(x_SD, by_expert_S, by_source_S), rows_per_local_expert)
             y_SO = permute_rows(y_SO, by_source_S, by_expert_S)
-        y_RO = comm.all_to_all(y_SO, send_splits, recv_splits, self.group, "combine")
+        y_RO = comm.all_to_all(y_SO, send_splits, recv_splits, self.group, "combine", self.exchange_clock)
         return y_RO, plan.num_rows - send_splits[self.rank]
 
     def extra_repr(self) -> str:

@@ -172,6 +172,7 @@ class Trainer:
             for layer, load in zip(moe_layers, load_E):
                 load += layer.stats.tokens_per_expert.double().cpu()
                 dropped, routed = dropped + layer.stats.num_dropped, routed + layer.stats.num_routed
+        exchange_s = sum(layer.exchange_clock.reset() for layer in moe_layers)
         sum_gradients(self.model, layout)
         grad_norm = global_grad_norm(self.model, layout)
         if train.grad_clip > 0:
@@ -190,7 +191,9 @@ class Trainer:
         )
         loads = torch.tensor(totals[4:]).view(len(moe_layers), -1) if moe_layers else torch.zeros(0, 1)
         imbalance = (loads.max(dim=1).values / loads.mean(dim=1).clamp_min(1e-9)).tolist()
-        seconds, peak_rss = self.all_max([time.perf_counter() - started, psutil.Process().memory_info().rss])
+        seconds, peak_rss, exchange_s = self.all_max(
+            [time.perf_counter() - started, psutil.Process().memory_info().rss, exchange_s]
+        )
         tokens = train.global_batch * self.config.model.seq_len
         return {
             "step": self.step,
@@ -200,6 +203,7 @@ class Trainer:
             "grad_norm": float(grad_norm),
             "tokens_per_s": tokens / seconds,
             "step_time_s": seconds,
+            "all_to_all_share": exchange_s / seconds,
             "dropped_fraction": totals[2] / max(totals[3], 1),
             "expert_load_max_over_mean": max(imbalance, default=1.0),
             "expert_load_per_layer": imbalance,
