@@ -40,7 +40,18 @@ def test_benchmark_smoke_run_reports_ratio_and_breakdown():
 
 
 def test_soak_smoke_run_on_four_ranks():
-    args = ("--steps", "30", "--warmup", "5", "--max-tokens", "256", "--log-every", "10")
+    args = (
+        "--steps",
+        "30",
+        "--warmup",
+        "5",
+        "--max-tokens",
+        "256",
+        "--log-every",
+        "10",
+        "--sample-every",
+        "5",
+    )
     run = torchrun("launch.soak", *args, nproc=4)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "soak: 30 steps" in run.stdout and "no hang, no error" in run.stdout
