@@ -3,7 +3,7 @@
 Experts sharded over the ranks of a process group, tokens exchanged with all-to-all.
 """
 
-from .comm import CollectiveError, init_distributed, shutdown
+from .comm import CollectiveError, distributed, init_distributed, shutdown
 from .config import MoEConfig
 from .layer import MoELayer, RoutingStats
 from .router import Routing, route
@@ -14,6 +14,7 @@ __all__ = [
     "MoELayer",
     "Routing",
     "RoutingStats",
+    "distributed",
     "init_distributed",
     "route",
     "shutdown",

@@ -142,6 +142,42 @@ def _load_into(path: Path, state: dict[str, Tensor]) -> None:
         raise CheckpointError(f"cannot load checkpoint {path}: {err}") from err
 
 
+class _PlainDataUnpickler(pickle.Unpickler):
+    """Unpickles only DCP's metadata classes, torch sizes, dtypes and layouts, and builtin containers."""
+
+    def find_class(self, module: str, name: str):
+        # NOTE: no dotted names: pickle resolves "os.system" inside any module that imported os.
+        allowed = "." not in name and (
+            (module, name) in _SAFE_CLASSES
+            or (module == "builtins" and name in _SAFE_BUILTINS)
+            or (module == "torch" and name in _SAFE_TORCH)
+        )
+        if not allowed:
+            raise CheckpointError(f"checkpoint metadata refers to {module}.{name}, which no checkpoint needs")
+        return super().find_class(module, name)
+
+
+_SAFE_CLASSES = {
+    ("torch.distributed.checkpoint.metadata", name)
+    for name in (
+        "Metadata",
+        "MetadataIndex",
+        "StorageMeta",
+        "TensorProperties",
+        "TensorStorageMetadata",
+        "ChunkStorageMetadata",
+        "BytesStorageMetadata",
+        "_MEM_FORMAT_ENCODING",
+    )
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch.serialization", "_get_layout"),  # torch.strided, by name
+    ("collections", "OrderedDict"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("pathlib", "PureWindowsPath"),
+}
 _SAFE_BUILTINS = {
     "dict",
     "list",
@@ -155,28 +191,6 @@ _SAFE_BUILTINS = {
     "bool",
     "slice",
 }
-
-
-class _PlainDataUnpickler(pickle.Unpickler):
-    """Unpickles only DCP's metadata classes, torch sizes, dtypes and layouts, and builtin containers."""
-
-    def find_class(self, module: str, name: str):
-        allowed = (
-            module.startswith("torch.distributed.checkpoint.")
-            or (module == "builtins" and name in _SAFE_BUILTINS)
-            or (module == "collections" and name == "OrderedDict")
-            or (module == "torch" and name in _SAFE_TORCH)
-            or (module == "torch.serialization" and name == "_get_layout")  # torch.strided, by name
-            or (
-                module == "pathlib"
-                and name in ("PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath")
-            )
-        )
-        if not allowed:
-            raise CheckpointError(f"checkpoint metadata refers to {module}.{name}, which no checkpoint needs")
-        return super().find_class(module, name)
-
-
 _SAFE_TORCH = {"Size", "strided", "contiguous_format", "preserve_format"} | {
     name for name in dir(torch) if isinstance(getattr(torch, name, None), torch.dtype)
 }

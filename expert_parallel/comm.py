@@ -178,32 +178,43 @@ def _all_gather_json(value: object, group: dist.ProcessGroup) -> list:
 def init_distributed(backend: str | None = None, timeout: timedelta = timedelta(minutes=5)) -> torch.device:
     """Initialise the default process group from torchrun's environment; return this rank's device.
 
-    backend None: NCCL with one GPU per local rank where CUDA is available, gloo on CPU otherwise.
+    backend None: the EXPERT_PARALLEL_BACKEND environment variable if set, else
+    NCCL with one GPU per local rank where CUDA is available, gloo otherwise.
     """
+    backend = backend or os.environ.get("EXPERT_PARALLEL_BACKEND") or None
     use_cuda = torch.cuda.is_available() if backend is None else backend == "nccl"
     backend = backend or ("nccl" if use_cuda else "gloo")
     device = torch.device("cpu")
     if use_cuda:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(
+                f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible): start at most "
+                f"one rank per GPU, or use gloo (EXPERT_PARALLEL_BACKEND=gloo)"
+            )
+        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=timeout)
     return device
 
 
-def shutdown() -> None:
+def shutdown(barrier: bool = True) -> None:
     """Tear down the default process group so that the process exits cleanly.
 
     NOTE: a gloo process that exits while autograd graphs still reference the
     group can abort (SIGABRT, "terminate called without an active exception").
-    Collect those graphs, wait for every rank, then destroy the group. Call it
-    in a `finally`.
+    Collect those graphs, wait for every rank, then destroy the group. On an
+    error path pass barrier=False: a rank that failed alone must not wait in a
+    barrier while its peers wait in the layer's next collective; destroying
+    its group at once makes theirs fail at once.
     """
     gc.collect()
     if not (dist.is_available() and dist.is_initialized()):
         return
     try:
-        dist.barrier()
+        if barrier:
+            dist.barrier()
     except RuntimeError as err:
         # A peer is gone; whatever made it go has been reported. Still tear down.
         print(
@@ -211,3 +222,20 @@ def shutdown() -> None:
         )
     finally:
         dist.destroy_process_group()
+
+
+@contextmanager
+def distributed(
+    backend: str | None = None, timeout: timedelta = timedelta(minutes=5)
+) -> Iterator[torch.device]:
+    """`with distributed() as device:` init_distributed, then shutdown.
+
+    With a barrier after success, without one after an error (see shutdown).
+    """
+    device = init_distributed(backend, timeout)
+    try:
+        yield device
+    except BaseException:
+        shutdown(barrier=False)
+        raise
+    shutdown()

@@ -135,21 +135,27 @@ class MoELayer(nn.Module):
         else:
             rows_per_expert_E = routing.tokens_per_expert
         dtype_code = _DTYPE_CODES.get(x.dtype, -1) if isinstance(x, Tensor) else -1
-        rows_PE, status_P = comm.gather_counts(
-            rows_per_expert_E, [int(problem is not None), dtype_code], self.group, self.exchange_clock
-        )
+        # Ranks building a graph and ranks not would disagree on the backward's exchanges: a hang.
+        status = [int(problem is not None), dtype_code, int(torch.is_grad_enabled())]
+        rows_PE, status_P = comm.gather_counts(rows_per_expert_E, status, self.group, self.exchange_clock)
         if problem is not None:
             raise problem[0](f"{self.where}: {problem[1]}")
-        bad_ranks = [p for p, (failed, _) in enumerate(status_P) if failed]
+        bad_ranks = [p for p, (failed, _, _) in enumerate(status_P) if failed]
         if bad_ranks:
             raise ValueError(
                 f"{self.where}: rank(s) {bad_ranks} of the group got invalid input (see their error)"
             )
         dtypes = {
-            p: str(_DTYPES[code]) if code >= 0 else "unsupported" for p, (_, code) in enumerate(status_P)
+            p: str(_DTYPES[code]) if code >= 0 else "unsupported" for p, (_, code, _) in enumerate(status_P)
         }
         if len(set(dtypes.values())) > 1:
             raise TypeError(f"{self.where}: ranks send tokens of different dtypes: {dtypes}")
+        grad_modes = {p: bool(mode) for p, (_, _, mode) in enumerate(status_P)}
+        if len(set(grad_modes.values())) > 1:
+            raise RuntimeError(
+                f"{self.where}: some ranks run with gradients enabled and some without ({grad_modes}); "
+                f"every rank of the group must run forward (and backward) alike"
+            )
         self._check_expert_load(rows_PE)
         return rows_PE
 
@@ -208,7 +214,7 @@ def _input_problem(x: object, config: MoEConfig, weight: Tensor) -> tuple[type, 
         return ValueError, f"expects input [..., d_model={config.d_model}], got {tuple(x.shape)}"
     if x.device != weight.device:
         return ValueError, f"input is on {x.device} but the layer's parameters are on {weight.device}"
-    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+    if x.dtype != weight.dtype:
         return TypeError, f"input dtype {x.dtype} differs from the layer's parameters ({weight.dtype})"
     # NOTE: host sync. A NaN in a feature the router ignores would still poison the expert outputs.
     if not bool(torch.isfinite(x).all()):

@@ -359,8 +359,11 @@ def main(argv: list[str]) -> int:
             report = {"machine": info, "args": {**vars(args), "json": str(args.json)}, "results": results}
             args.json.write_text(json.dumps(report, indent=2) + "\n")
         return 0
+    except BaseException:
+        ep.shutdown(barrier=False)  # a rank failing alone must not wait for peers that wait for it
+        raise
     finally:
-        ep.shutdown()
+        ep.shutdown()  # no-op after the line above
 
 
 if __name__ == "__main__":

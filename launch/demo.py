@@ -50,6 +50,7 @@ def load_balance(layer: ep.MoELayer) -> tuple[float, float, float]:
     totals = torch.tensor(
         [layer.stats.num_dropped, layer.stats.num_routed, layer.stats.rows_sent_to_other_ranks],
         dtype=torch.double,
+        device=load.device,
     )
     dist.all_reduce(load)
     dist.all_reduce(totals)
@@ -65,7 +66,7 @@ def check_against_single_process(
     config: ep.MoEConfig, layer: ep.MoELayer, x: torch.Tensor, seed: int
 ) -> float:
     torch.manual_seed(seed)
-    reference = ep.MoELayer(config)  # group=None: all experts, the definition of correct
+    reference = ep.MoELayer(config).to(x.device)  # group=None: all experts, the definition of correct
     with torch.no_grad():
         diff = (layer(x) - reference(x)).abs().max()
     dist.all_reduce(diff, op=dist.ReduceOp.MAX)
@@ -131,8 +132,11 @@ def main(argv: list[str]) -> int:
                 )
         say(f"done: {settings.steps} steps on {world} ranks in {time.perf_counter() - start:.1f} s")
         return 0
+    except BaseException:
+        ep.shutdown(barrier=False)  # a rank failing alone must not wait for peers that wait for it
+        raise
     finally:
-        ep.shutdown()
+        ep.shutdown()  # no-op after the line above
 
 
 if __name__ == "__main__":

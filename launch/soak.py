@@ -149,8 +149,11 @@ def main(argv: list[str]) -> int:
                 )
         warm = [s for i, s in enumerate(samples) if (i + 1) * args.sample_every > args.warmup] or samples
         return report(warm, time.perf_counter() - start, args.steps)
+    except BaseException:
+        ep.shutdown(barrier=False)  # a rank failing alone must not wait for peers that wait for it
+        raise
     finally:
-        ep.shutdown()
+        ep.shutdown()  # no-op after the line above
 
 
 def report(samples: list[tuple[float, float]], elapsed: float, steps: int) -> int:

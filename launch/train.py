@@ -16,13 +16,13 @@ import argparse
 import json
 import math
 import os
+import resource
 import sys
 import time
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
 
-import psutil
 import torch
 import torch.distributed as dist
 
@@ -51,11 +51,27 @@ class TrainConfig:
     log_every: int = 10
     max_corpus_bytes: int | None = None  # cap on each of train and validation text (None: all)
 
+    def __post_init__(self) -> None:
+        for name in ("steps", "global_batch", "micro_batch", "eval_every", "eval_batches", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.checkpoint_every < 0 or self.warmup_steps < 0 or self.lr <= 0:
+            raise ValueError("train.checkpoint_every and train.warmup_steps must be >= 0, train.lr > 0")
+
 
 @dataclass(frozen=True)
 class ParallelConfig:
     ep: int = 1  # expert-parallel size; dp = world / ep
     timeout_s: float = 300.0  # a collective waiting longer than this fails the run
+    backend: str | None = None  # None: NCCL where CUDA is available, else gloo
+
+    def __post_init__(self) -> None:
+        if self.ep < 1 or self.timeout_s <= 0:
+            raise ValueError(
+                f"parallel.ep must be >= 1 and parallel.timeout_s > 0, got {self.ep}, {self.timeout_s}"
+            )
+        if self.backend not in (None, "gloo", "nccl"):
+            raise ValueError(f"parallel.backend must be gloo, nccl or absent, got {self.backend!r}")
 
 
 @dataclass(frozen=True)
@@ -94,9 +110,9 @@ def lr_at(step: int, config: TrainConfig) -> float:
 def global_grad_norm(model: Transformer, layout: Layout) -> torch.Tensor:
     """L2 norm of the whole model's gradient: dense parts are identical on every rank, experts are sharded."""
     experts = expert_parameters(model) if layout.ep > 1 else set()
-    dense_sq = sum((p.grad.double().square().sum() for p in model.parameters() if id(p) not in experts), 0.0)
-    expert_sq = sum((p.grad.double().square().sum() for p in model.parameters() if id(p) in experts), 0.0)
-    expert_sq = torch.as_tensor(expert_sq, dtype=torch.float64)
+    zero = torch.zeros((), dtype=torch.float64, device=next(model.parameters()).device)
+    dense_sq = sum((p.grad.double().square().sum() for p in model.parameters() if id(p) not in experts), zero)
+    expert_sq = sum((p.grad.double().square().sum() for p in model.parameters() if id(p) in experts), zero)
     if layout.ep_group is not None:
         dist.all_reduce(expert_sq, group=layout.ep_group)
     return (dense_sq + expert_sq).sqrt()
@@ -157,11 +173,13 @@ class Trainer:
         """One optimizer step over the global batch; returns its metrics (identical on every rank)."""
         train, layout = self.config.train, self.layout
         started = time.perf_counter()
+        moe_layers = [layer for _, layer in self.model.moe_layers()]
+        for layer in moe_layers:  # evaluation's exchanges are not this step's
+            layer.exchange_clock.reset()
         batch = data.global_batch(
             self.train_corpus, self.step, train.global_batch, self.config.model.seq_len, train.seed
         )
         mine = data.micro_batches(batch, self.rank, layout.world, train.micro_batch)
-        moe_layers = [layer for _, layer in self.model.moe_layers()]
         lm_sum, aux_sum, dropped, routed = 0.0, 0.0, 0, 0
         load_E = [torch.zeros(layer.config.num_experts, dtype=torch.float64) for layer in moe_layers]
         for tokens in mine:
@@ -191,9 +209,8 @@ class Trainer:
         )
         loads = torch.tensor(totals[4:]).view(len(moe_layers), -1) if moe_layers else torch.zeros(0, 1)
         imbalance = (loads.max(dim=1).values / loads.mean(dim=1).clamp_min(1e-9)).tolist()
-        seconds, peak_rss, exchange_s = self.all_max(
-            [time.perf_counter() - started, psutil.Process().memory_info().rss, exchange_s]
-        )
+        peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+        seconds, peak_rss, exchange_s = self.all_max([time.perf_counter() - started, peak_rss, exchange_s])
         tokens = train.global_batch * self.config.model.seq_len
         return {
             "step": self.step,
@@ -312,10 +329,10 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     config = RunConfig.from_tree(load_toml(args.config, args.overrides))
 
-    distributed = "WORLD_SIZE" in os.environ  # under torchrun
     device = torch.device("cpu")
-    if distributed:
-        device = ep.init_distributed(timeout=timedelta(seconds=config.parallel.timeout_s))
+    if "WORLD_SIZE" in os.environ:  # under torchrun
+        timeout = timedelta(seconds=config.parallel.timeout_s)
+        device = ep.init_distributed(config.parallel.backend, timeout=timeout)
     try:
         layout = make_layout(config.parallel.ep, device.type)
         trainer = Trainer(config, layout, device)
@@ -331,8 +348,11 @@ def main(argv: list[str]) -> int:
             f"{summary['tokens_per_s']:,.0f} tokens/s, {summary['seconds']:.0f} s -> {config.train.out_dir}"
         )
         return 0
+    except BaseException:
+        ep.shutdown(barrier=False)  # a rank failing alone must not wait for peers that wait for it
+        raise
     finally:
-        ep.shutdown()
+        ep.shutdown()  # no-op after the line above
 
 
 if __name__ == "__main__":

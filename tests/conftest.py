@@ -1,3 +1,4 @@
+import os
 import sys
 import time
 from pathlib import Path
@@ -6,6 +7,8 @@ import psutil
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# Every rank the tests start uses gloo on CPU, GPUs or not; test_cuda.py asks for NCCL itself.
+os.environ.setdefault("EXPERT_PARALLEL_BACKEND", "gloo")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -136,7 +136,8 @@ def check_contract(checks, group):
             ),
             {},
         ),
-        ("dropless silu, zero-token rank, 3-D input", replace(base, activation="silu"), {"zero_rank": True}),
+        ("dropless silu, zero-token rank", replace(base, activation="silu"), {"zero_rank": True}),
+        ("dropless, 3-D input on every rank", base, {"shape3d": True, "counts": [24, 0, 36, 12]}),
         (
             "capacity 1.0 probs, zero-token rank",
             replace(base, capacity_factor=1.0, min_capacity=1, drop_policy="probs"),
@@ -258,6 +259,20 @@ def check_bad_input(checks, group):
     expect_error(
         checks, "wrong width on one rank fails on every rank", ValueError, words, lambda: layer(wide)
     )
+
+    def forward_maybe_without_grad():
+        if rank == 0:
+            with torch.no_grad():
+                return layer(x)
+        return layer(x)
+
+    expect_error(
+        checks,
+        "grad mode differing across ranks",
+        RuntimeError,
+        ["gradients enabled"],
+        forward_maybe_without_grad,
+    )
     if rank == 0:
         expect_error(
             checks, "input dtype differs from the layer's", TypeError, ["float64"], lambda: layer(x.double())
@@ -330,8 +345,11 @@ def main() -> int:
     except Exception:
         traceback.print_exc()
         return 1
+    except BaseException:
+        ep.shutdown(barrier=False)  # a rank failing alone must not wait for peers that wait for it
+        raise
     finally:
-        ep.shutdown()
+        ep.shutdown()  # no-op after the line above
 
 
 if __name__ == "__main__":

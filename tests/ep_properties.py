@@ -81,8 +81,11 @@ def main() -> int:
     except Exception:
         traceback.print_exc()
         return 1
+    except BaseException:
+        ep.shutdown(barrier=False)  # a rank failing alone must not wait for peers that wait for it
+        raise
     finally:
-        ep.shutdown()
+        ep.shutdown()  # no-op after the line above
 
 
 if __name__ == "__main__":

@@ -27,12 +27,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(script: Path, world_size: int, args: list[str] = (), timeout: float = 180) -> list[RankResult]:
+def launch(
+    script: Path, world_size: int, args: list[str] = (), timeout: float = 180, env: dict | None = None
+) -> list[RankResult]:
     """Run `script` as `world_size` ranks (the env:// variables torchrun would set); kill all at `timeout`."""
     port = free_port()
     procs, logs = [], []
     for rank in range(world_size):
-        env = dict(
+        rank_env = dict(
             os.environ,
             RANK=str(rank),
             WORLD_SIZE=str(world_size),
@@ -42,9 +44,12 @@ def launch(script: Path, world_size: int, args: list[str] = (), timeout: float =
             MASTER_PORT=str(port),
             OMP_NUM_THREADS="1",
             PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+            **(env or {}),
         )
         log = tempfile.TemporaryFile(mode="w+")
-        procs.append(subprocess.Popen([sys.executable, str(script), *args], stdout=log, stderr=log, env=env))
+        procs.append(
+            subprocess.Popen([sys.executable, str(script), *args], stdout=log, stderr=log, env=rank_env)
+        )
         logs.append(log)
     deadline = time.monotonic() + timeout
     for proc in procs:

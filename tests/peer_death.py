@@ -37,8 +37,11 @@ def run_rank(ready_dir: str, timeout_s: float) -> int:
     except ep.CollectiveError as err:
         print(f"rank {rank} raised after {time.monotonic() - started:.1f} s: {err}", flush=True)
         return SURVIVOR_EXIT
+    except BaseException:
+        ep.shutdown(barrier=False)  # a rank failing alone must not wait for peers that wait for it
+        raise
     finally:
-        ep.shutdown()
+        ep.shutdown()  # no-op after the line above
     return 0
 
 

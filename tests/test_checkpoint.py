@@ -78,3 +78,18 @@ def test_hostile_metadata_is_refused_without_running_it(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="no checkpoint needs"):
         checkpoint.load(tmp_path / "step_1", model, optimizer)
     assert not marker.exists()
+
+
+def test_a_dotted_global_inside_an_allowed_module_is_refused(tmp_path):
+    # pickle resolves "os.system" inside torch.distributed.checkpoint.filesystem, which imports os.
+    model, optimizer = model_and_optimizer()
+    checkpoint.save(tmp_path, 1, model, optimizer)
+    payload = b"\x80\x04\x95\x00\x00\x00\x00\x00\x00\x00\x00"  # protocol 4 frame header
+    payload += b"\x8c\x27torch.distributed.checkpoint.filesystem\x94\x8c\x09os.system\x94\x93\x94"
+    payload += b"\x8c\x24touch /tmp/expert_parallel_pwned_too\x94\x85\x94R\x94."
+    marker = Path("/tmp/expert_parallel_pwned_too")
+    marker.unlink(missing_ok=True)
+    (tmp_path / "step_1" / ".metadata").write_bytes(payload)
+    with pytest.raises(checkpoint.CheckpointError, match="os.system"):
+        checkpoint.load(tmp_path / "step_1", model, optimizer)
+    assert not marker.exists()

@@ -34,5 +34,7 @@ def test_cuda_layer_equals_cpu_layer(capacity_factor):
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices for NCCL ranks")
 def test_nccl_ranks_pass_the_contract_checks():
-    results = launch(Path(__file__).with_name("ep_checks.py"), 2, timeout=300)
+    results = launch(
+        Path(__file__).with_name("ep_checks.py"), 2, timeout=300, env={"EXPERT_PARALLEL_BACKEND": "nccl"}
+    )
     assert_all_ranks_succeeded(results)

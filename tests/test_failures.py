@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -41,6 +42,9 @@ def test_killed_rank_under_a_plain_launch(tmp_path):
         assert survivor.returncode == SURVIVOR_EXIT, survivor.output[-3000:]
         assert "MoE count exchange failed on global rank" in survivor.output
         assert "global ranks [" in survivor.output
+        # gloo notices the closed connection: well within the group's 30 s timeout.
+        seconds = float(re.search(r"raised after ([\d.]+) s", survivor.output).group(1))
+        assert seconds < 10
 
 
 def test_killed_rank_under_torch_multiprocessing(tmp_path):

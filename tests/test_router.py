@@ -57,8 +57,8 @@ def test_position_policy_worked_example():
 
 
 def test_position_policy_every_first_choice_before_any_second_choice():
-    # 4 tokens all pick expert 0 second and experts 1..3 / 0 first; capacity 1 on expert 0:
-    # token 3's first choice (expert 0) wins over tokens 0..2's second choices.
+    # Tokens 0..2 pick expert 0 second, token 3 picks it first; C = 2 per expert:
+    # token 3's first choice (expert 0) is served before tokens 0..2's second choices.
     logits = torch.tensor(
         [[5.0, 9.0, 0.0, 0.0], [5.0, 0.0, 9.0, 0.0], [5.0, 0.0, 0.0, 9.0], [9.0, 5.0, 0.0, 0.0]]
     )
