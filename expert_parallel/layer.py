@@ -54,6 +54,11 @@ class MoELayer(nn.Module):
     After forward: `aux_loss` (coefficients applied, add it to the loss) and
     `stats` (a RoutingStats).
 
+    `forced_expert_ids`: for benchmarks and tests only. Set it to a [T, K]
+    long tensor (T = this rank's tokens in the next forward) to override the
+    router's choice of experts, e.g. to measure skewed or all-to-one loads;
+    None (the default) routes normally. See `route`.
+
     Initialisation depends only on the seed drawn from the default generator
     of group rank 0, not on the layout: after torch.manual_seed(s), a layer
     over P ranks holds exactly its slice of the experts a group=None layer
@@ -78,6 +83,7 @@ class MoELayer(nn.Module):
         seed = int(torch.randint(0, 2**62, ()))
         self.reset_parameters(comm.agree_on_init(config.to_dict(), seed, self.group))
         self.aux_loss: Tensor | None = None
+        self.forced_expert_ids: Tensor | None = None
         self.stats: RoutingStats | None = None
         self.exchange_clock = comm.ExchangeClock()  # seconds in collectives, forward and backward
 
@@ -100,7 +106,7 @@ class MoELayer(nn.Module):
         if problem is None:
             x_TD = x.reshape(-1, config.d_model)
             try:
-                routing = route(self.router(x_TD), config)
+                routing = route(self.router(x_TD), config, self.forced_expert_ids)
             except ValueError as err:
                 problem = (ValueError, str(err))
         if self.group is None:

@@ -40,8 +40,12 @@ class Routing:
         return (~self.keep).sum()
 
 
-def route(logits_TE: Tensor, config: MoEConfig) -> Routing:
+def route(logits_TE: Tensor, config: MoEConfig, forced_expert_ids_TK: Tensor | None = None) -> Routing:
     """Route T tokens given their router logits [T, E].
+
+    forced_expert_ids_TK: for benchmarks and tests only (skewed or adversarial
+    loads): use these [T, K] distinct expert ids per token instead of the
+    logits' choice; weights, capacity and losses follow as usual.
 
     Scores: softmax over all E logits, or sigmoid per logit. The K best
     experts are chosen by logit (both score functions are monotone, so this
@@ -58,9 +62,13 @@ def route(logits_TE: Tensor, config: MoEConfig) -> Routing:
 
     # NOTE: a stable descending sort instead of topk: topk leaves the order of
     # tied logits undefined, and the choice order decides position drops.
-    topk_logits_TK, expert_ids_TK = logits_TE.sort(dim=-1, descending=True, stable=True)
-    topk_logits_TK = topk_logits_TK[:, :top_k]
-    expert_ids_TK = expert_ids_TK[:, :top_k].contiguous()
+    if forced_expert_ids_TK is None:
+        topk_logits_TK, expert_ids_TK = logits_TE.sort(dim=-1, descending=True, stable=True)
+        topk_logits_TK = topk_logits_TK[:, :top_k]
+        expert_ids_TK = expert_ids_TK[:, :top_k].contiguous()
+    else:
+        expert_ids_TK = _check_forced(forced_expert_ids_TK, num_tokens, config)
+        topk_logits_TK = logits_TE.gather(1, expert_ids_TK)
 
     if config.score_func == "softmax":
         probs_TE = F.softmax(logits_TE, dim=-1)
@@ -162,3 +170,17 @@ def _check_logits(logits_TE: Tensor, config: MoEConfig) -> None:
     if not bool(torch.isfinite(logits_TE).all()):
         bad = int((~torch.isfinite(logits_TE)).any(dim=-1).sum())
         raise ValueError(f"router logits contain NaN or Inf ({bad} of {logits_TE.shape[0]} tokens)")
+
+
+def _check_forced(expert_ids_TK: Tensor, num_tokens: int, config: MoEConfig) -> Tensor:
+    if expert_ids_TK.shape != (num_tokens, config.top_k) or expert_ids_TK.dtype != torch.long:
+        raise ValueError(
+            f"forced expert ids must be a long tensor [T={num_tokens}, top_k={config.top_k}], "
+            f"got {expert_ids_TK.dtype} {tuple(expert_ids_TK.shape)}"
+        )
+    if num_tokens and not (0 <= int(expert_ids_TK.min()) and int(expert_ids_TK.max()) < config.num_experts):
+        raise ValueError(f"forced expert ids must lie in [0, {config.num_experts})")
+    ordered_TK = expert_ids_TK.sort(dim=-1).values
+    if bool((ordered_TK[:, 1:] == ordered_TK[:, :-1]).any()):
+        raise ValueError("forced expert ids must be distinct within each token")
+    return expert_ids_TK.contiguous()

@@ -169,3 +169,18 @@ def test_wrong_shape_or_dtype_raises():
         route(torch.randn(5, 3), config())
     with pytest.raises(TypeError, match="floating point"):
         route(torch.ones(5, 4, dtype=torch.long), config())
+
+
+def test_forced_expert_ids_replace_the_choice_and_keep_weights_and_capacity():
+    config = MoEConfig(d_model=4, d_hidden=4, num_experts=4, top_k=2, capacity_factor=1.0, min_capacity=1)
+    logits = torch.randn(8, 4)
+    forced = torch.tensor([[0, 1]] * 8)
+    routing = route(logits, config, forced)
+    assert torch.equal(routing.expert_ids, forced)
+    # capacity ceil(1.0 * 8 * 2 / 4) = 4: experts 0 and 1 keep 4 each, the rest is dropped
+    assert routing.tokens_per_expert.tolist() == [4, 4, 0, 0]
+    expected = torch.softmax(logits[:, :2], dim=-1) * routing.keep
+    assert torch.allclose(routing.weights, expected)
+    for bad in (torch.tensor([[0, 0]] * 8), torch.tensor([[0, 4]] * 8), torch.tensor([[0, 1]] * 7)):
+        with pytest.raises(ValueError, match="forced expert ids"):
+            route(logits, config, bad)
