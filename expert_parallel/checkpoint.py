@@ -57,11 +57,16 @@ def _split(key: str, tensor: Tensor, first_expert: int | None) -> dict[str, Tens
 
 
 def model_state(model: nn.Module) -> dict[str, Tensor]:
-    """The model's flat state on this rank: views into the live parameters."""
+    """The model's flat state on this rank: views into the live parameters and persistent buffers.
+
+    Buffers: e.g. an MoE layer's selection bias, which is the same on every rank.
+    """
     experts = expert_tensor_names(model)
     state: dict[str, Tensor] = {}
     for name, param in model.named_parameters():
         state.update(_split(name, param.data, experts.get(name)))
+    persistent = model.state_dict(keep_vars=True).keys()
+    state.update({name: buf for name, buf in model.named_buffers() if name in persistent})
     return state
 
 

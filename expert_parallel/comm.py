@@ -136,6 +136,21 @@ def gather_counts(
     return [row[: -len(status)] for row in rows], [row[-len(status) :] for row in rows]
 
 
+def sum_counts(
+    counts_E: Tensor, group: dist.ProcessGroup | None, what: str = "MoE load statistics"
+) -> Tensor:
+    """counts_E summed over the ranks of `group` (a new tensor; a copy for no group).
+
+    Integer counts, so every rank gets bit-identical sums whatever the
+    reduction order: the selection bias updated from them stays equal on all ranks.
+    """
+    total_E = counts_E.clone()
+    if group is not None and dist.get_world_size(group) > 1:
+        with _naming_failures(what, group):
+            dist.all_reduce(total_E, group=group)
+    return total_E
+
+
 def agree_on_init(config_dict: dict, seed: int, group: dist.ProcessGroup | None) -> int:
     """Check that every rank of `group` built the same config; return group rank 0's seed.
 

@@ -11,6 +11,7 @@ from pathlib import Path
 SCORE_FUNCS = ("softmax", "sigmoid")
 DROP_POLICIES = ("position", "probs")
 ACTIVATIONS = ("relu", "gelu", "silu", "swiglu")
+AUX_LOSS_SCOPES = ("micro_batch", "global_batch", "sequence")
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,29 @@ class MoEConfig:
     bias: experts carry biases.        router_bias: the router Linear has a bias.
     aux_loss_coef, z_loss_coef: weights of the load-balancing and z losses in
         `MoELayer.aux_loss`.
+    aux_loss_scope: over which tokens the aux loss's f_i (share of choices per
+        expert) is counted: "micro_batch" (this call on this rank), "global_batch"
+        (summed over the layer's stats_group and over the micro-batches of the
+        step so far) or "sequence" (per sequence of a [B, S, D] input, averaged).
+
+    Routing of today's open models (README "Routers of open models"):
+    routed_scaling_factor: multiplies the final routed weights (DeepSeek-V3: 2.5).
+    selection_bias: a per-expert bias buffer [E] added to the scores (softmax
+        probabilities or sigmoid scores) for choosing experts only; the weights
+        use the unbiased scores (DeepSeek-V3's auxiliary-loss-free balancing).
+    selection_bias_rate: u in bias += u * sign(mean load - load), applied by
+        `MoELayer.update_selection_bias()` after each optimizer step (0: frozen).
+    num_groups, group_topk: group-limited routing (DeepSeek-V2/V3). Experts
+        form num_groups contiguous groups; a token keeps the group_topk groups
+        with the highest sum of their two best scores, then picks its top_k
+        experts inside them (group_topk None: all groups).
+    num_shared_experts, d_shared_hidden: always-on experts of hidden width
+        d_shared_hidden (None -> d_hidden) each, run as one dense feed-forward
+        of width num_shared_experts * d_shared_hidden, replicated on every rank.
+    shared_expert_gate: scale the shared output by sigmoid(x @ g) (Qwen2-MoE).
+    router_jitter: eps; in training the router sees x * U(1 - eps, 1 + eps).
+    eval_capacity_factor: the capacity factor outside training (None: as in
+        training). A factor >= num_experts / top_k never drops.
 
     Defaults follow the modern dropless top-2 softmax router (Mixtral-like
     routing, SimpleMoE-like experts): see README "Configuration".
@@ -55,6 +79,17 @@ class MoEConfig:
     router_bias: bool = True
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.0
+    aux_loss_scope: str = "micro_batch"
+    routed_scaling_factor: float = 1.0
+    selection_bias: bool = False
+    selection_bias_rate: float = 0.0
+    num_groups: int = 1
+    group_topk: int | None = None
+    num_shared_experts: int = 0
+    d_shared_hidden: int | None = None
+    shared_expert_gate: bool = False
+    router_jitter: float = 0.0
+    eval_capacity_factor: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("d_model", "d_hidden", "num_experts", "top_k"):
@@ -70,7 +105,9 @@ class MoEConfig:
         _check_choice("score_func", self.score_func, SCORE_FUNCS)
         _check_choice("drop_policy", self.drop_policy, DROP_POLICIES)
         _check_choice("activation", self.activation, ACTIVATIONS)
-        for name in ("normalize_weights", "bias", "router_bias"):
+        _check_choice("aux_loss_scope", self.aux_loss_scope, AUX_LOSS_SCOPES)
+        self._check_routing_features()
+        for name in ("normalize_weights", "bias", "router_bias", "selection_bias", "shared_expert_gate"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"MoEConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.capacity_factor is not None:
@@ -84,15 +121,70 @@ class MoEConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"MoEConfig.{name} must be >= 0, got {getattr(self, name)!r}")
 
+    def _check_routing_features(self) -> None:
+        for name in ("routed_scaling_factor", "selection_bias_rate", "router_jitter"):
+            _check_real(name, getattr(self, name))
+        if not self.routed_scaling_factor > 0:
+            raise ValueError(
+                f"MoEConfig.routed_scaling_factor must be > 0, got {self.routed_scaling_factor!r}"
+            )
+        if self.selection_bias_rate < 0 or (self.selection_bias_rate > 0 and not self.selection_bias):
+            raise ValueError(
+                f"MoEConfig.selection_bias_rate={self.selection_bias_rate!r} must be >= 0, "
+                f"and > 0 only with selection_bias=true"
+            )
+        if not 0 <= self.router_jitter < 1:
+            raise ValueError(f"MoEConfig.router_jitter must be in [0, 1), got {self.router_jitter!r}")
+        _check_int("num_groups", self.num_groups, minimum=1)
+        if self.num_experts % self.num_groups:
+            raise ValueError(
+                f"MoEConfig.num_groups={self.num_groups} must divide num_experts={self.num_experts}"
+            )
+        if self.group_topk is not None:
+            _check_int("group_topk", self.group_topk, minimum=1)
+            if self.group_topk > self.num_groups:
+                raise ValueError(
+                    f"MoEConfig.group_topk={self.group_topk} exceeds num_groups={self.num_groups}"
+                )
+            per_group = self.num_experts // self.num_groups
+            reachable = self.group_topk * per_group
+            if reachable < self.top_k:
+                raise ValueError(
+                    f"MoEConfig: group_topk={self.group_topk} groups of {per_group} "
+                    f"experts hold {reachable} experts, fewer than top_k={self.top_k}"
+                )
+        _check_int("num_shared_experts", self.num_shared_experts, minimum=0)
+        if self.d_shared_hidden is not None:
+            _check_int("d_shared_hidden", self.d_shared_hidden, minimum=1)
+        if self.shared_expert_gate and not self.num_shared_experts:
+            raise ValueError("MoEConfig.shared_expert_gate needs num_shared_experts >= 1")
+        if self.eval_capacity_factor is not None:
+            _check_real("eval_capacity_factor", self.eval_capacity_factor)
+            if not self.eval_capacity_factor > 0:
+                raise ValueError(
+                    f"MoEConfig.eval_capacity_factor must be > 0 or None, got {self.eval_capacity_factor!r}"
+                )
+
     @property
     def dropless(self) -> bool:
         return self.capacity_factor is None
 
-    def capacity(self, num_tokens: int) -> int | None:
-        """Assignments each expert keeps for `num_tokens` tokens; None when dropless."""
-        if self.capacity_factor is None:
+    @property
+    def shared_hidden(self) -> int:
+        """Hidden width of the one dense feed-forward that runs the shared experts (0: none)."""
+        return self.num_shared_experts * (self.d_shared_hidden or self.d_hidden)
+
+    def capacity(self, num_tokens: int, training: bool = True) -> int | None:
+        """Assignments each expert keeps for `num_tokens` tokens; None when dropless.
+
+        Outside training, eval_capacity_factor (when set) replaces capacity_factor.
+        """
+        factor = self.capacity_factor
+        if not training and self.eval_capacity_factor is not None:
+            factor = self.eval_capacity_factor
+        if factor is None:
             return None
-        wanted = math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts)
+        wanted = math.ceil(factor * num_tokens * self.top_k / self.num_experts)
         return max(self.min_capacity, wanted)
 
     def to_dict(self) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import comm
@@ -24,7 +25,8 @@ from .dispatch import (
     source_to_expert_order,
 )
 from .experts import Experts, uniform_
-from .router import Routing, route
+from .router import Routing, route, switch_aux_loss
+from .shared import SharedExperts
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,7 @@ class MoELayer(nn.Module):
     would hold, and every rank holds the same router.
     """
 
-    def __init__(self, config: MoEConfig, group=None, *, name: str | None = None):
+    def __init__(self, config: MoEConfig, group=None, stats_group=None, *, name: str | None = None):
         super().__init__()
         rank, size = comm.rank_and_size(group)
         if config.num_experts % size:
@@ -74,12 +76,23 @@ class MoELayer(nn.Module):
             )
         self.config = config
         self.group = group if size > 1 else None
+        stats_group = group if stats_group is None else stats_group
+        self.stats_group = stats_group if comm.rank_and_size(stats_group)[1] > 1 else None
         self.rank, self.group_size = rank, size
         self.num_local_experts = config.num_experts // size
         self.first_expert = rank * self.num_local_experts
         self.where = f"MoELayer{f' {name!r}' if name else ''} on rank {rank} of {size}"
         self.router = nn.Linear(config.d_model, config.num_experts, bias=config.router_bias)
         self.experts = Experts(config, self.num_local_experts)
+        self.shared_experts = SharedExperts(config) if config.num_shared_experts else None
+        if config.selection_bias:
+            self.register_buffer("selection_bias", torch.zeros(config.num_experts))
+        else:
+            self.selection_bias = None
+        # Choices per expert (before drops) in this optimizer step's training forwards, this rank only.
+        self.register_buffer(
+            "step_choices", torch.zeros(config.num_experts, dtype=torch.long), persistent=False
+        )
         seed = int(torch.randint(0, 2**62, ()))
         self.reset_parameters(comm.agree_on_init(config.to_dict(), seed, self.group))
         self.aux_loss: Tensor | None = None
@@ -89,7 +102,7 @@ class MoELayer(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, seed: int) -> None:
-        """Router from `seed`; global expert g from `seed + 1 + g`."""
+        """Router from `seed`; global expert g from `seed + 1 + g`; shared experts from `seed + 1 + E`."""
         bound = 1.0 / self.config.d_model**0.5
         generator = torch.Generator().manual_seed(seed)
         uniform_(self.router.weight, bound, generator)
@@ -98,6 +111,10 @@ class MoELayer(nn.Module):
         for local_id in range(self.num_local_experts):
             generator.manual_seed(seed + 1 + self.first_expert + local_id)
             self.experts.reset_expert(local_id, generator)
+        if self.shared_experts is not None:
+            self.shared_experts.reset_parameters(generator.manual_seed(seed + 1 + self.config.num_experts))
+        if self.selection_bias is not None:
+            self.selection_bias.zero_()
 
     def forward(self, x: Tensor) -> Tensor:
         config = self.config
@@ -106,9 +123,17 @@ class MoELayer(nn.Module):
         if problem is None:
             x_TD = x.reshape(-1, config.d_model)
             try:
-                routing = route(self.router(x_TD), config, self.forced_expert_ids)
+                routing = route(
+                    self._router_logits(x_TD),
+                    config,
+                    self.forced_expert_ids,
+                    selection_bias_E=self.selection_bias,
+                    training=self.training,
+                    sequence_length=x.shape[-2] if x.dim() >= 3 else None,
+                )
             except ValueError as err:
                 problem = (ValueError, str(err))
+            x_TD = _to_autocast_dtype(x_TD)
         if self.group is None:
             if problem is not None:
                 raise problem[0](f"{self.where}: {problem[1]}")
@@ -120,7 +145,11 @@ class MoELayer(nn.Module):
             plan = plan_dispatch(routing)
             y_RO, rows_away = self._run_on_owners(permute(x_TD, plan), plan, rows_PE)
         out_TO = combine(y_RO, routing.weights, plan)
-        self.aux_loss = config.aux_loss_coef * routing.aux_loss + config.z_loss_coef * routing.z_loss
+        if self.shared_experts is not None:
+            out_TO = out_TO + self.shared_experts(x_TD)
+        self.aux_loss = (
+            config.aux_loss_coef * self._balance_loss(routing) + config.z_loss_coef * routing.z_loss
+        )
         self.stats = RoutingStats(
             tokens_per_expert=routing.tokens_per_expert.detach(),
             num_routed=routing.keep.numel(),
@@ -129,6 +158,52 @@ class MoELayer(nn.Module):
             rows_sent_to_other_ranks=rows_away,
         )
         return out_TO.view(*x.shape[:-1], config.d_out)
+
+    def _router_logits(self, x_TD: Tensor) -> Tensor:
+        """[T, E] router logits in float32, also under autocast.
+
+        NOTE: fp32 even under bf16 autocast, so that a bf16 run chooses the same
+        experts as an fp32 run (a bf16 logit moves near-ties across each other).
+        Jitter (training only): the router sees x * U(1 - eps, 1 + eps).
+        """
+        eps = self.config.router_jitter
+        if self.training and eps > 0:
+            x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - eps, 1.0 + eps)
+        bias = self.router.bias.float() if self.router.bias is not None else None
+        with torch.autocast(x_TD.device.type, enabled=False):
+            return F.linear(x_TD.float(), self.router.weight.float(), bias)
+
+    def _balance_loss(self, routing: Routing) -> Tensor:
+        """The aux loss of config.aux_loss_scope; counts this step's choices for the selection bias.
+
+        "global_batch": f_i from the step's choices so far, summed over
+        stats_group (one [E] all-reduce per forward); P_i stays local.
+        """
+        if not self.training:
+            return routing.aux_loss
+        self.step_choices += routing.choices_per_expert
+        if self.config.aux_loss_scope != "global_batch":
+            return routing.aux_loss
+        choices_E = comm.sum_counts(self.step_choices, self.stats_group, f"{self.where}: global-batch counts")
+        return switch_aux_loss(choices_E, routing.mean_probs)
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """Call after each optimizer step (every rank of stats_group): ends the step's statistics.
+
+        With config.selection_bias_rate u > 0: bias += u * sign(mean load - load),
+        load = the step's choices per expert summed over stats_group, so every
+        rank holds the same bias. Then resets the step's counts, which
+        "global_batch" aux losses accumulate over micro-batches.
+        """
+        if self.selection_bias is not None and self.config.selection_bias_rate > 0:
+            load_E = comm.sum_counts(
+                self.step_choices, self.stats_group, f"{self.where}: selection-bias load"
+            )
+            load_E = load_E.double()
+            step_E = torch.sign(load_E.mean() - load_E) * self.config.selection_bias_rate
+            self.selection_bias += step_E.to(self.selection_bias.dtype)
+        self.step_choices.zero_()
 
     def _gather_counts(
         self, x: Tensor, routing: Routing | None, problem: tuple[type, str] | None
@@ -220,10 +295,17 @@ def _input_problem(x: object, config: MoEConfig, weight: Tensor) -> tuple[type, 
         return ValueError, f"expects input [..., d_model={config.d_model}], got {tuple(x.shape)}"
     if x.device != weight.device:
         return ValueError, f"input is on {x.device} but the layer's parameters are on {weight.device}"
-    if x.dtype != weight.dtype:
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
         return TypeError, f"input dtype {x.dtype} differs from the layer's parameters ({weight.dtype})"
     # NOTE: host sync. A NaN in a feature the router ignores would still poison the expert outputs.
     if not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x.reshape(-1, x.shape[-1]))).any(dim=-1).sum())
         return ValueError, f"input contains NaN or Inf ({bad} tokens)"
     return None
+
+
+def _to_autocast_dtype(x_TD: Tensor) -> Tensor:
+    """Under autocast, the tokens travel and meet the experts in the autocast dtype (e.g. bf16)."""
+    if torch.is_autocast_enabled(x_TD.device.type):
+        return x_TD.to(torch.get_autocast_dtype(x_TD.device.type))
+    return x_TD

@@ -51,20 +51,29 @@ def make_layout(ep: int, device_type: str = "cpu") -> Layout:
 
 
 @torch.no_grad()
-def shard_experts(model: nn.Module, ep_group: dist.ProcessGroup | None) -> list[str]:
+def shard_experts(
+    model: nn.Module, ep_group: dist.ProcessGroup | None, stats_group: dist.ProcessGroup | None = None
+) -> list[str]:
     """Swap each group=None MoELayer for one over `ep_group` holding its slice; return their names.
 
-    The router is copied whole and each local expert from the global expert
-    of the same id, so the sharded model computes what the full one did.
+    The router, shared experts and selection bias are copied whole and each
+    local expert from the global expert of the same id, so the sharded model
+    computes what the full one did. `stats_group`: the ranks whose load
+    statistics the layers sum (global-batch aux loss, selection bias): all
+    ranks that see different tokens, i.e. the world under dp x ep.
     """
     names = []
-    if ep_group is None:
+    if ep_group is None and stats_group is None:
         return names
     for name, module in list(model.named_modules()):
-        if not isinstance(module, MoELayer) or module.group is not None:
+        if not isinstance(module, MoELayer) or module.group is not None or module.stats_group is not None:
             continue
-        sharded = MoELayer(module.config, ep_group, name=name).to(module.router.weight.device)
+        sharded = MoELayer(module.config, ep_group, stats_group, name=name).to(module.router.weight.device)
         sharded.router.load_state_dict(module.router.state_dict())
+        if module.shared_experts is not None:
+            sharded.shared_experts.load_state_dict(module.shared_experts.state_dict())
+        if module.selection_bias is not None:
+            sharded.selection_bias.copy_(module.selection_bias)
         local = slice(sharded.first_expert, sharded.first_expert + sharded.num_local_experts)
         for pname, param in sharded.experts.named_parameters():
             param.copy_(getattr(module.experts, pname)[local])

@@ -22,9 +22,14 @@ class Routing:
     weights: [T, K] float32, combine weights; 0 where the assignment was dropped.
     keep: [T, K] bool, False where the chosen expert was already full.
     tokens_per_expert: [E] long, kept assignments per expert.
-    aux_loss: scalar, E * sum_i f_i * P_i (Switch Transformer), before its coefficient.
+    aux_loss: scalar, E * sum_i f_i * P_i (Switch Transformer), before its
+        coefficient, over the tokens of config.aux_loss_scope ("global_batch" is
+        finished by the layer: here it is the micro-batch value).
     z_loss: scalar, mean_t logsumexp(logits_t)^2 (ST-MoE), before its coefficient.
     capacity: assignments each expert could keep; None when dropless.
+    choices_per_expert: [E] long, assignments per expert before capacity drops.
+    mean_probs: [E] float32, P_i: expert i's probability averaged over the T
+        tokens (differentiable; the layer's global-batch aux loss uses it).
     """
 
     expert_ids: Tensor
@@ -34,58 +39,71 @@ class Routing:
     aux_loss: Tensor
     z_loss: Tensor
     capacity: int | None
+    choices_per_expert: Tensor
+    mean_probs: Tensor
 
     @property
     def num_dropped(self) -> Tensor:
         return (~self.keep).sum()
 
 
-def route(logits_TE: Tensor, config: MoEConfig, forced_expert_ids_TK: Tensor | None = None) -> Routing:
+def route(
+    logits_TE: Tensor,
+    config: MoEConfig,
+    forced_expert_ids_TK: Tensor | None = None,
+    *,
+    selection_bias_E: Tensor | None = None,
+    training: bool = True,
+    sequence_length: int | None = None,
+) -> Routing:
     """Route T tokens given their router logits [T, E].
 
+    Scores: softmax over all E logits, or sigmoid per logit.
+    Choice: the K best experts by score; ties go to the lower expert id. With
+    `selection_bias_E` (config.selection_bias) the choice ranks score + bias;
+    with config.group_topk, only experts of the group_topk best groups compete
+    (a group's rank: the sum of its two best, biased, scores; DeepSeek-V3).
+    Weights: the chosen unbiased scores, renormalised to sum to 1 if
+    `config.normalize_weights`, times config.routed_scaling_factor, then
+    zeroed where dropped; the remaining weights of a token are not
+    renormalised after a drop.
+    Capacity: config.capacity(T, training); see `keep_within_capacity`.
+    sequence_length: S for aux_loss_scope "sequence" (T = B * S tokens in
+        sequence order); None treats the T tokens as one sequence.
     forced_expert_ids_TK: for benchmarks and tests only (skewed or adversarial
-    loads): use these [T, K] distinct expert ids per token instead of the
-    logits' choice; weights, capacity and losses follow as usual.
-
-    Scores: softmax over all E logits, or sigmoid per logit. The K best
-    experts are chosen by logit (both score functions are monotone, so this
-    is the score ranking); ties go to the lower expert id.
-    Weights: the chosen scores, renormalised to sum to 1 if
-    `config.normalize_weights`, then zeroed where dropped; the remaining
-    weights of a token are not renormalised after a drop.
-    Capacity: see `keep_within_capacity`.
+        loads): use these [T, K] distinct expert ids per token instead of the
+        scores' choice; weights, capacity and losses follow as usual.
     """
     _check_logits(logits_TE, config)
     logits_TE = logits_TE.float()
     num_tokens = logits_TE.shape[0]
-    top_k = config.top_k
-
-    # NOTE: a stable descending sort instead of topk: topk leaves the order of
-    # tied logits undefined, and the choice order decides position drops.
-    if forced_expert_ids_TK is None:
-        topk_logits_TK, expert_ids_TK = logits_TE.sort(dim=-1, descending=True, stable=True)
-        topk_logits_TK = topk_logits_TK[:, :top_k]
-        expert_ids_TK = expert_ids_TK[:, :top_k].contiguous()
-    else:
-        expert_ids_TK = _check_forced(forced_expert_ids_TK, num_tokens, config)
-        topk_logits_TK = logits_TE.gather(1, expert_ids_TK)
 
     if config.score_func == "softmax":
         probs_TE = F.softmax(logits_TE, dim=-1)
+    else:
+        # Sigmoid scores normalised to sum to 1 (for P_i of the aux loss),
+        # computed in log space so that scores that underflow to 0 cannot give 0 / 0.
+        probs_TE = F.softmax(F.logsigmoid(logits_TE), dim=-1)
+
+    if forced_expert_ids_TK is not None:
+        expert_ids_TK = _check_forced(forced_expert_ids_TK, num_tokens, config)
+    else:
+        expert_ids_TK = _choose_experts(logits_TE, probs_TE, selection_bias_E, config)
+    topk_logits_TK = logits_TE.gather(1, expert_ids_TK)
+
+    if config.score_func == "softmax":
         scores_TK = probs_TE.gather(1, expert_ids_TK)
         # softmax over the K chosen logits equals the chosen probabilities over
         # their sum, and is what SimpleMoE computes, bit for bit.
         weights_TK = F.softmax(topk_logits_TK, dim=-1) if config.normalize_weights else scores_TK
     else:
-        # Sigmoid scores normalised to sum to 1, computed in log space so that
-        # scores that underflow to 0 cannot give 0 / 0.
-        log_scores_TE = F.logsigmoid(logits_TE)
-        probs_TE = F.softmax(log_scores_TE, dim=-1)
         log_scores_TK = F.logsigmoid(topk_logits_TK)
         scores_TK = log_scores_TK.exp()
         weights_TK = F.softmax(log_scores_TK, dim=-1) if config.normalize_weights else scores_TK
+    if config.routed_scaling_factor != 1.0:
+        weights_TK = weights_TK * config.routed_scaling_factor
 
-    capacity = config.capacity(num_tokens)
+    capacity = config.capacity(num_tokens, training)
     if capacity is None:
         keep_TK = torch.ones_like(expert_ids_TK, dtype=torch.bool)
     else:
@@ -94,11 +112,91 @@ def route(logits_TE: Tensor, config: MoEConfig, forced_expert_ids_TK: Tensor | N
         )
         weights_TK = weights_TK * keep_TK
 
-    tokens_per_expert_E = torch.zeros(
-        config.num_experts, dtype=torch.long, device=logits_TE.device
-    ).scatter_add_(0, expert_ids_TK.reshape(-1), keep_TK.reshape(-1).long())
-    aux_loss, z_loss = _balance_losses(logits_TE, probs_TE, expert_ids_TK, config.num_experts)
-    return Routing(expert_ids_TK, weights_TK, keep_TK, tokens_per_expert_E, aux_loss, z_loss, capacity)
+    num_experts = config.num_experts
+    tokens_per_expert_E = _count(expert_ids_TK, keep_TK.long(), num_experts)
+    choices_E = _count(expert_ids_TK, torch.ones_like(expert_ids_TK), num_experts)
+    mean_probs_E = probs_TE.mean(dim=0) if num_tokens else probs_TE.sum(dim=0)
+    z_loss = torch.logsumexp(logits_TE, dim=-1).square().mean() if num_tokens else logits_TE.sum() * 0.0
+    if config.aux_loss_scope == "sequence" and sequence_length is not None:
+        aux_loss = sequence_aux_loss(probs_TE, expert_ids_TK, num_experts, sequence_length)
+    else:
+        aux_loss = switch_aux_loss(choices_E, mean_probs_E)
+    return Routing(
+        expert_ids_TK,
+        weights_TK,
+        keep_TK,
+        tokens_per_expert_E,
+        aux_loss,
+        z_loss,
+        capacity,
+        choices_E,
+        mean_probs_E,
+    )
+
+
+def _choose_experts(
+    logits_TE: Tensor, probs_TE: Tensor, selection_bias_E: Tensor | None, config: MoEConfig
+) -> Tensor:
+    """[T, K] expert ids, best first, by (biased, group-limited) score; ties to the lower id.
+
+    NOTE: a stable descending sort instead of topk: topk leaves the order of
+    tied values undefined, and the choice order decides position drops.
+    """
+    top_k, num_groups = config.top_k, config.num_groups
+    group_limited = config.group_topk is not None and config.group_topk < num_groups
+    if selection_bias_E is None and not group_limited:
+        # Both score functions are monotone in the logit: rank logits, which
+        # keeps ties as ties (probabilities of distinct logits can round equal).
+        return logits_TE.sort(dim=-1, descending=True, stable=True)[1][:, :top_k].contiguous()
+    choice_TE = probs_TE if config.score_func == "softmax" else torch.sigmoid(logits_TE)
+    if selection_bias_E is not None:
+        choice_TE = choice_TE + selection_bias_E.float()
+    if group_limited:
+        num_tokens, per_group = choice_TE.shape[0], config.num_experts // num_groups
+        choice_TGe = choice_TE.view(num_tokens, num_groups, per_group)
+        best_two = choice_TGe.sort(dim=-1, descending=True).values[..., : min(2, per_group)]
+        groups_TG = best_two.sum(dim=-1).sort(dim=-1, descending=True, stable=True)[1]
+        allowed_TG = torch.zeros_like(choice_TGe[..., 0], dtype=torch.bool)
+        allowed_TG.scatter_(1, groups_TG[:, : config.group_topk], True)
+        choice_TE = choice_TGe.masked_fill(~allowed_TG.unsqueeze(-1), float("-inf")).view_as(choice_TE)
+    return choice_TE.sort(dim=-1, descending=True, stable=True)[1][:, :top_k].contiguous()
+
+
+def _count(expert_ids_TK: Tensor, values_TK: Tensor, num_experts: int) -> Tensor:
+    counts_E = torch.zeros(num_experts, dtype=torch.long, device=expert_ids_TK.device)
+    return counts_E.scatter_add_(0, expert_ids_TK.reshape(-1), values_TK.reshape(-1))
+
+
+def switch_aux_loss(choices_E: Tensor, mean_probs_E: Tensor) -> Tensor:
+    """E * sum_i f_i * P_i, f_i = choices_E[i] / sum(choices_E) (before drops), P_i = mean_probs_E[i].
+
+    0, still on the graph, when there are no choices. The layer's "global_batch"
+    scope passes choices summed over ranks and micro-batches with the local P_i.
+    """
+    fraction_E = choices_E.float() / choices_E.sum().clamp(min=1)
+    return choices_E.numel() * (fraction_E * mean_probs_E).sum()
+
+
+def sequence_aux_loss(
+    probs_TE: Tensor, expert_ids_TK: Tensor, num_experts: int, sequence_length: int
+) -> Tensor:
+    """DeepSeek-V3's sequence-wise balance loss: E * sum_i f_i * P_i per sequence, averaged over sequences.
+
+    T = B * S tokens in sequence order; f_i and P_i are computed within each sequence.
+    """
+    num_tokens, top_k = expert_ids_TK.shape
+    if num_tokens == 0:
+        return probs_TE.sum() * 0.0
+    if num_tokens % sequence_length:
+        raise ValueError(f"{num_tokens} tokens do not form sequences of length {sequence_length}")
+    batch = num_tokens // sequence_length
+    choices_BE = torch.zeros(batch, num_experts, device=probs_TE.device)
+    seq_of_token_TK = (torch.arange(num_tokens, device=probs_TE.device) // sequence_length).unsqueeze(1)
+    flat_index = (seq_of_token_TK * num_experts + expert_ids_TK).reshape(-1)
+    choices_BE.view(-1).index_add_(0, flat_index, torch.ones(flat_index.numel(), device=probs_TE.device))
+    fraction_BE = choices_BE / (sequence_length * top_k)
+    mean_probs_BE = probs_TE.view(batch, sequence_length, num_experts).mean(dim=1)
+    return num_experts * (fraction_BE * mean_probs_BE).sum(dim=-1).mean()
 
 
 def keep_within_capacity(
@@ -138,25 +236,6 @@ def keep_within_capacity(
     keep_N = torch.empty(num_assignments, dtype=torch.bool, device=device)
     keep_N[queue_N] = slot_N < capacity
     return keep_N.view(top_k, num_tokens).t()
-
-
-def _balance_losses(
-    logits_TE: Tensor, probs_TE: Tensor, expert_ids_TK: Tensor, num_experts: int
-) -> tuple[Tensor, Tensor]:
-    """Switch aux loss E * sum_i f_i * P_i and ST-MoE z-loss; both 0 for T = 0.
-
-    f_i: share of the T * K choices (before dropping) that picked expert i.
-    P_i: mean over tokens of expert i's probability.
-    """
-    if logits_TE.shape[0] == 0:
-        # Zero, but still attached to the graph so backward passes through.
-        zero = logits_TE.sum() * 0.0
-        return zero, zero
-    choices_E = torch.bincount(expert_ids_TK.reshape(-1), minlength=num_experts)
-    fraction_E = choices_E.float() / expert_ids_TK.numel()
-    aux_loss = num_experts * (fraction_E * probs_TE.mean(dim=0)).sum()
-    z_loss = torch.logsumexp(logits_TE, dim=-1).square().mean()
-    return aux_loss, z_loss
 
 
 def _check_logits(logits_TE: Tensor, config: MoEConfig) -> None:

@@ -131,7 +131,8 @@ class Trainer:
         self.micro_batches_per_step = train.global_batch // train.micro_batch
         torch.manual_seed(train.seed)
         model = Transformer(config.model)
-        shard_experts(model, layout.ep_group)
+        # Load statistics (global-batch aux loss, selection bias) are summed over every rank.
+        shard_experts(model, layout.ep_group, dist.group.WORLD if layout.world > 1 else None)
         self.model = model.to(device)
         decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2]
         no_decay = [p for n, p in self.model.named_parameters() if p.dim() < 2]
@@ -202,6 +203,8 @@ class Trainer:
             group["lr"] = lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        for layer in moe_layers:
+            layer.after_optimizer_step()
         self.step += 1
 
         totals = self.all_sum(
