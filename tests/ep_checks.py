@@ -66,13 +66,20 @@ def token_counts(size: int, zero_rank: bool) -> list[int]:
 
 
 def compare_with_reference(
-    checks, name, config, group, seed, zero_rank=False, shape3d=False, scale=1.0, counts=None
+    checks, name, config, group, seed, zero_rank=False, shape3d=False, scale=1.0, counts=None, evaluate=False
 ):
     rank, size = dist.get_rank(group), dist.get_world_size(group)
     torch.manual_seed(seed)
     reference = ep.MoELayer(config).to(DEVICE)
     torch.manual_seed(seed)
     layer = ep.MoELayer(config, group).to(DEVICE)
+    if config.selection_bias:  # as if trained: a bias that changes choices, the same on every rank
+        bias = torch.randn(config.num_experts, generator=torch.Generator().manual_seed(seed)) * 0.2
+        reference.selection_bias.copy_(bias)
+        layer.selection_bias.copy_(bias)
+    if evaluate:
+        reference.eval()
+        layer.eval()
     local = slice(layer.first_expert, layer.first_expert + layer.num_local_experts)
 
     # Initialisation depends on the seed only, not on the layout.
@@ -87,7 +94,9 @@ def compare_with_reference(
     if shape3d and num_tokens % 2 == 0:
         x, upstream = x.view(2, -1, config.d_model), upstream.view(2, -1, config.d_out)
 
+    torch.manual_seed(seed)  # the same router jitter for both
     out_ref, dx_ref = run_step(reference, x, upstream)
+    torch.manual_seed(seed)
     out, dx = run_step(layer, x, upstream)
     checks.close(f"{name}: output", out, out_ref)
     checks.close(f"{name}: input grad", dx, dx_ref)
@@ -98,6 +107,11 @@ def compare_with_reference(
     checks.true(f"{name}: dropped", layer.stats.num_dropped == reference.stats.num_dropped)
     for pname, param in layer.router.named_parameters():
         checks.close(f"{name}: router grad {pname}", param.grad, getattr(reference.router, pname).grad)
+    if layer.shared_experts is not None:  # replicated: each rank's gradient is from its own tokens
+        for pname, param in layer.shared_experts.named_parameters():
+            want = getattr(reference.shared_experts, pname)
+            checks.equal(f"{name}: shared init {pname}", param.detach(), want.detach())
+            checks.close(f"{name}: shared grad {pname}", param.grad, want.grad)
     for pname, param in layer.experts.named_parameters():
         summed = getattr(reference.experts, pname).grad.clone()
         dist.all_reduce(summed, group=group)
@@ -144,6 +158,39 @@ def check_contract(checks, group):
             {"zero_rank": True, "drops": True},
         ),
         ("swiglu with bias top-1 dropless", replace(base, activation="swiglu", top_k=1), {"shape3d": True}),
+        (
+            "DeepSeek-V3-like: sigmoid, selection bias, 4 groups keep 2, scaling 2.5, gated shared experts",
+            replace(
+                base,
+                top_k=3,
+                score_func="sigmoid",
+                selection_bias=True,
+                num_groups=4,
+                group_topk=2,
+                routed_scaling_factor=2.5,
+                num_shared_experts=2,
+                d_shared_hidden=8,
+                shared_expert_gate=True,
+                activation="swiglu",
+                bias=False,
+            ),
+            {"zero_rank": True},
+        ),
+        (
+            "jitter 0.2, capacity 1.0 training",
+            replace(base, router_jitter=0.2, capacity_factor=1.0, min_capacity=1, eval_capacity_factor=8.0),
+            {"drops": True},
+        ),
+        (
+            "eval: jitter off, eval capacity 8 never drops",
+            replace(base, router_jitter=0.2, capacity_factor=1.0, min_capacity=1, eval_capacity_factor=8.0),
+            {"evaluate": True},
+        ),
+        (
+            "sequence-scope aux loss over [2, S, D]",
+            replace(base, aux_loss_scope="sequence", aux_loss_coef=1.0),
+            {"shape3d": True, "counts": [24, 0, 36, 12]},
+        ),
     ]
     for seed, (name, config, opts) in enumerate(cases):
         expect_drops = opts.pop("drops", False)
