@@ -12,6 +12,7 @@ SCORE_FUNCS = ("softmax", "sigmoid")
 DROP_POLICIES = ("position", "probs")
 ACTIVATIONS = ("relu", "gelu", "silu", "swiglu")
 AUX_LOSS_SCOPES = ("micro_batch", "global_batch", "sequence")
+DISPATCH_MODES = ("per_assignment", "once_per_rank")
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,10 @@ class MoEConfig:
     router_jitter: eps; in training the router sees x * U(1 - eps, 1 + eps).
     eval_capacity_factor: the capacity factor outside training (None: as in
         training). A factor >= num_experts / top_k never drops.
+    dispatch: what one all-to-all row carries under expert parallelism:
+        "per_assignment" (each kept (token, expert) pair) or "once_per_rank"
+        (each token once per destination rank, expanded to its experts there,
+        whose weighted outputs are summed there and sent back as one row).
 
     Defaults follow the modern dropless top-2 softmax router (Mixtral-like
     routing, SimpleMoE-like experts): see README "Configuration".
@@ -90,6 +95,7 @@ class MoEConfig:
     shared_expert_gate: bool = False
     router_jitter: float = 0.0
     eval_capacity_factor: float | None = None
+    dispatch: str = "per_assignment"
 
     def __post_init__(self) -> None:
         for name in ("d_model", "d_hidden", "num_experts", "top_k"):
@@ -106,6 +112,7 @@ class MoEConfig:
         _check_choice("drop_policy", self.drop_policy, DROP_POLICIES)
         _check_choice("activation", self.activation, ACTIVATIONS)
         _check_choice("aux_loss_scope", self.aux_loss_scope, AUX_LOSS_SCOPES)
+        _check_choice("dispatch", self.dispatch, DISPATCH_MODES)
         self._check_routing_features()
         for name in ("normalize_weights", "bias", "router_bias", "selection_bias", "shared_expert_gate"):
             if not isinstance(getattr(self, name), bool):

@@ -117,3 +117,94 @@ class _PermuteRows(torch.autograd.Function):
 def permute_rows(x_RD: Tensor, index_R: Tensor, inverse_R: Tensor) -> Tensor:
     """Rows of x in the order of the permutation `index_R` (`inverse_R` its inverse)."""
     return _PermuteRows.apply(x_RD, index_R, inverse_R)
+
+
+@dataclass(frozen=True)
+class RankDispatchPlan:
+    """Once-per-rank dispatch: each token goes once to each rank that holds one of its kept experts.
+
+    Rows are the distinct (destination rank, token) pairs, rank-major, tokens in order.
+    token_R: [R] the token of each row.
+    local_expert_RK: [R, K] for each of the token's K choices, the destination's
+        local expert id if that choice is kept and lives there, else -1.
+    choice_RK: [R, K] bool, local_expert_RK >= 0 (which of the token's weights travel with the row).
+    row_TK: [T, K] the rows of token t (at most K distinct ranks), R for unused slots.
+    rows_per_rank: [P] host ints (sum = R).
+    """
+
+    token_R: Tensor
+    local_expert_RK: Tensor
+    choice_RK: Tensor
+    row_TK: Tensor
+    rows_per_rank: list[int]
+
+    @property
+    def num_rows(self) -> int:
+        return self.token_R.numel()
+
+
+def plan_rank_dispatch(routing: Routing, num_ranks: int) -> RankDispatchPlan:
+    """Rows for once-per-rank dispatch over `num_ranks` ranks holding E / P consecutive experts each.
+
+    Example, P=2, e=2 (experts 0,1 on rank 0; 2,3 on rank 1), K=2:
+        expert_ids = [[0, 1], [1, 2]], all kept
+        pairs (rank, token): (0, t0) (0, t1) (1, t1)   -> 3 rows instead of 4
+        local_expert = [[0, 1], [1, -1], [-1, 0]]       row_TK = [[0, 3], [1, 2]]
+    """
+    num_tokens, top_k = routing.expert_ids.shape
+    per_rank = routing.tokens_per_expert.numel() // num_ranks
+    device = routing.expert_ids.device
+    rank_TK = torch.where(routing.keep, routing.expert_ids // per_rank, num_ranks)
+    wanted_PT = torch.zeros(num_ranks + 1, num_tokens, dtype=torch.bool, device=device)
+    wanted_PT[rank_TK.t(), torch.arange(num_tokens, device=device).expand(top_k, -1)] = True
+    wanted_PT = wanted_PT[:num_ranks]
+    # NOTE: host sync; the all-to-all needs host split sizes.
+    rows_per_rank = wanted_PT.sum(dim=1).tolist()
+    num_rows = sum(rows_per_rank)
+    rank_R, token_R = wanted_PT.nonzero(as_tuple=True)  # rank-major, tokens in order
+    row_PT = torch.full((num_ranks + 1, num_tokens), num_rows, dtype=torch.long, device=device)
+    row_PT[rank_R, token_R] = torch.arange(num_rows, device=device)
+    choice_RK = rank_TK.index_select(0, token_R) == rank_R.unsqueeze(1)
+    local_RK = routing.expert_ids.index_select(0, token_R) - rank_R.unsqueeze(1) * per_rank
+    local_expert_RK = torch.where(choice_RK, local_RK, -1)
+    # A token's rows: its distinct ranks, each once (a repeated rank points at the unused row R).
+    ranks_TK = rank_TK.sort(dim=1).values
+    repeated_TK = torch.zeros_like(ranks_TK, dtype=torch.bool)
+    repeated_TK[:, 1:] = ranks_TK[:, 1:] == ranks_TK[:, :-1]
+    ranks_TK = torch.where(repeated_TK, num_ranks, ranks_TK)
+    row_TK = row_PT[ranks_TK, torch.arange(num_tokens, device=device).unsqueeze(1)]
+    return RankDispatchPlan(token_R, local_expert_RK, choice_RK, row_TK, rows_per_rank)
+
+
+def expand_by_expert(local_expert_SK: Tensor, num_local_experts: int) -> tuple[Tensor, Tensor, list[int]]:
+    """On the expert's rank: received rows [S] with up to K local experts each -> assignments by expert.
+
+    Returns (row_A, slot_SK, rows_per_local_expert): row_A [A] the received row
+    of each assignment, grouped by local expert (rows in arrival order within
+    an expert); slot_SK [S, K] each (row, choice)'s assignment, A where unused.
+    """
+    num_rows, top_k = local_expert_SK.shape
+    used_N = (local_expert_SK >= 0).reshape(-1)
+    expert_N = torch.where(used_N, local_expert_SK.reshape(-1), num_local_experts)
+    # NOTE: stable, so each expert's rows keep the arrival order (source rank, then token).
+    order_N = expert_N.argsort(stable=True)
+    counts = torch.bincount(expert_N, minlength=num_local_experts + 1)
+    rows_per_local_expert = counts[:num_local_experts].tolist()  # NOTE: host sync, for the GEMMs
+    num_assignments = sum(rows_per_local_expert)
+    slot_A = order_N[:num_assignments]
+    slot_N = torch.full_like(order_N, num_assignments)
+    slot_N[slot_A] = torch.arange(num_assignments, device=slot_A.device)
+    return slot_A // top_k, slot_N.view(num_rows, top_k), rows_per_local_expert
+
+
+def weighted_sum(y_AO: Tensor, weights_SK: Tensor, slot_SK: Tensor) -> Tensor:
+    """[S, O]: row s = sum_k weights[s, k] * y[slot[s, k]] (unused slots point past the end: zero)."""
+    y_AO = F.pad(y_AO, (0, 0, 0, 1))
+    gathered_SKO = y_AO.index_select(0, slot_SK.reshape(-1)).view(*slot_SK.shape, y_AO.shape[-1])
+    return torch.bmm(weights_SK.to(y_AO.dtype).unsqueeze(1), gathered_SKO).squeeze(1)
+
+
+def sum_rows(z_RO: Tensor, row_TK: Tensor) -> Tensor:
+    """[T, O]: out_t = sum_k z[row[t, k]], in k order (unused slots point past the end: zero)."""
+    z_RO = F.pad(z_RO, (0, 0, 0, 1))
+    return z_RO.index_select(0, row_TK.reshape(-1)).view(*row_TK.shape, z_RO.shape[-1]).sum(dim=1)

@@ -17,12 +17,17 @@ from . import comm
 from .config import MoEConfig
 from .dispatch import (
     DispatchPlan,
+    RankDispatchPlan,
     combine,
+    expand_by_expert,
     inverse_permutation,
     permute,
     permute_rows,
     plan_dispatch,
+    plan_rank_dispatch,
     source_to_expert_order,
+    sum_rows,
+    weighted_sum,
 )
 from .experts import Experts, uniform_
 from .router import Routing, route, switch_aux_loss
@@ -140,11 +145,16 @@ class MoELayer(nn.Module):
             plan = plan_dispatch(routing)
             self._check_expert_load([plan.rows_per_expert])
             y_RO, rows_away = self.experts(permute(x_TD, plan), plan.rows_per_expert), 0
+            out_TO = combine(y_RO, routing.weights, plan)
+        elif config.dispatch == "once_per_rank":
+            rank_plan = plan_rank_dispatch(routing, self.group_size) if routing is not None else None
+            _, rows_PP = self._gather_counts(x, routing, problem, rank_plan)
+            out_TO, rows_away = self._run_once_per_rank(x_TD, routing, rank_plan, rows_PP)
         else:
-            rows_PE = self._gather_counts(x, routing, problem)
+            rows_PE, _ = self._gather_counts(x, routing, problem)
             plan = plan_dispatch(routing)
             y_RO, rows_away = self._run_on_owners(permute(x_TD, plan), plan, rows_PE)
-        out_TO = combine(y_RO, routing.weights, plan)
+            out_TO = combine(y_RO, routing.weights, plan)
         if self.shared_experts is not None:
             out_TO = out_TO + self.shared_experts(x_TD)
         self.aux_loss = (
@@ -153,7 +163,7 @@ class MoELayer(nn.Module):
         self.stats = RoutingStats(
             tokens_per_expert=routing.tokens_per_expert.detach(),
             num_routed=routing.keep.numel(),
-            num_dropped=routing.keep.numel() - plan.num_rows,
+            num_dropped=int(routing.num_dropped),
             capacity=routing.capacity,
             rows_sent_to_other_ranks=rows_away,
         )
@@ -206,19 +216,30 @@ class MoELayer(nn.Module):
         self.step_choices.zero_()
 
     def _gather_counts(
-        self, x: Tensor, routing: Routing | None, problem: tuple[type, str] | None
-    ) -> list[list[int]]:
-        """Every rank's rows per expert [P][E]; fails on every rank at once if any rank's input is bad."""
+        self,
+        x: Tensor,
+        routing: Routing | None,
+        problem: tuple[type, str] | None,
+        rank_plan: RankDispatchPlan | None = None,
+    ) -> tuple[list[list[int]], list[list[int]]]:
+        """Every rank's kept assignments per expert [P][E], and rows per destination rank [P][P]
+        under once-per-rank dispatch ([P][0] otherwise); fails on every rank at once if any
+        rank's input is bad."""
+        size, num_experts = self.group_size, self.config.num_experts
+        once = self.config.dispatch == "once_per_rank"
+        device = self.router.weight.device
         if routing is None:
-            rows_per_expert_E = torch.zeros(
-                self.config.num_experts, dtype=torch.long, device=self.router.weight.device
-            )
+            counts = torch.zeros(num_experts + (size if once else 0), dtype=torch.long, device=device)
         else:
-            rows_per_expert_E = routing.tokens_per_expert
+            counts = routing.tokens_per_expert
+            if once:
+                counts = torch.cat([counts, torch.tensor(rank_plan.rows_per_rank, device=device)])
         dtype_code = _DTYPE_CODES.get(x.dtype, -1) if isinstance(x, Tensor) else -1
         # Ranks building a graph and ranks not would disagree on the backward's exchanges: a hang.
         status = [int(problem is not None), dtype_code, int(torch.is_grad_enabled())]
-        rows_PE, status_P = comm.gather_counts(rows_per_expert_E, status, self.group, self.exchange_clock)
+        counts_PX, status_P = comm.gather_counts(counts, status, self.group, self.exchange_clock)
+        rows_PE = [row[:num_experts] for row in counts_PX]
+        rows_PP = [row[num_experts:] for row in counts_PX]
         if problem is not None:
             raise problem[0](f"{self.where}: {problem[1]}")
         bad_ranks = [p for p, (failed, _, _) in enumerate(status_P) if failed]
@@ -238,7 +259,7 @@ class MoELayer(nn.Module):
                 f"every rank of the group must run forward (and backward) alike"
             )
         self._check_expert_load(rows_PE)
-        return rows_PE
+        return rows_PE, rows_PP
 
     def _check_expert_load(self, rows_PE: list[list[int]]) -> None:
         """Refuse, on every rank alike, a forward that would send an expert more rows than its cap."""
@@ -273,6 +294,29 @@ class MoELayer(nn.Module):
             y_SO = permute_rows(y_SO, by_source_S, by_expert_S)
         y_RO = comm.all_to_all(y_SO, send_splits, recv_splits, self.group, "combine", self.exchange_clock)
         return y_RO, plan.num_rows - send_splits[self.rank]
+
+    def _run_once_per_rank(
+        self, x_TD: Tensor, routing: Routing, plan: RankDispatchPlan, rows_PP: list[list[int]]
+    ) -> tuple[Tensor, int]:
+        """Each token once to each rank holding one of its experts; its weighted outputs summed there.
+
+        Three exchanges out (rows, their weights, their local expert ids) and one back.
+        The weights travel so that the expert's rank can sum a token's outputs
+        into one row; their gradient comes back through the same exchange.
+        """
+        tag = self.exchange_clock
+        send_splits = plan.rows_per_rank
+        recv_splits = [row[self.rank] for row in rows_PP]
+        x_RD = x_TD.index_select(0, plan.token_R)
+        weights_RK = routing.weights.index_select(0, plan.token_R) * plan.choice_RK
+        x_SD = comm.all_to_all(x_RD, recv_splits, send_splits, self.group, "dispatch", tag)
+        weights_SK = comm.all_to_all(weights_RK, recv_splits, send_splits, self.group, "weights", tag)
+        experts_SK = comm.all_to_all(plan.local_expert_RK, recv_splits, send_splits, self.group, "ids", tag)
+        row_A, slot_SK, rows_per_local_expert = expand_by_expert(experts_SK, self.num_local_experts)
+        y_AO = self.experts(x_SD.index_select(0, row_A), rows_per_local_expert)
+        z_SO = weighted_sum(y_AO, weights_SK, slot_SK)
+        z_RO = comm.all_to_all(z_SO, send_splits, recv_splits, self.group, "combine", tag)
+        return sum_rows(z_RO, plan.row_TK), plan.num_rows - send_splits[self.rank]
 
     def extra_repr(self) -> str:
         return (

@@ -187,6 +187,29 @@ def check_contract(checks, group):
             {"evaluate": True},
         ),
         (
+            "once per rank: dropless top-3, zero-token rank",
+            replace(base, top_k=3, dispatch="once_per_rank"),
+            {"zero_rank": True},
+        ),
+        (
+            "once per rank: capacity 1.0 probs, swiglu, DeepSeek-like groups",
+            replace(
+                base,
+                top_k=4,
+                dispatch="once_per_rank",
+                capacity_factor=1.0,
+                min_capacity=1,
+                drop_policy="probs",
+                activation="swiglu",
+                score_func="sigmoid",
+                num_groups=4,
+                group_topk=2,
+                selection_bias=True,
+                routed_scaling_factor=2.5,
+            ),
+            {"drops": True, "shape3d": True, "counts": [24, 0, 36, 12]},
+        ),
+        (
             "sequence-scope aux loss over [2, S, D]",
             replace(base, aux_loss_scope="sequence", aux_loss_coef=1.0),
             {"shape3d": True, "counts": [24, 0, 36, 12]},
@@ -196,6 +219,41 @@ def check_contract(checks, group):
         expect_drops = opts.pop("drops", False)
         _, _, _, dropped = compare_with_reference(checks, name, config, group, seed, **opts)
         checks.true(f"{name}: drops happen anywhere = {expect_drops}", (dropped > 0) == expect_drops)
+
+
+def check_once_per_rank_sends_each_token_once_per_rank(checks, group):
+    """Rows sent = distinct (token, other rank) pairs; outputs and gradients = per-assignment dispatch."""
+    rank, size = dist.get_rank(group), dist.get_world_size(group)
+    for top_k, capacity in ((4, None), (2, 1.0)):
+        name = f"once per rank, top-{top_k}, capacity {capacity}"
+        config = ep.MoEConfig(d_model=16, d_hidden=24, num_experts=8, top_k=top_k, capacity_factor=capacity)
+        torch.manual_seed(21)
+        per_pair = ep.MoELayer(config, group).to(DEVICE)
+        torch.manual_seed(21)
+        once = ep.MoELayer(replace(config, dispatch="once_per_rank"), group).to(DEVICE)
+        x = torch.randn(30 + 3 * rank, 16, generator=torch.Generator().manual_seed(rank)).to(DEVICE)
+        upstream = torch.randn(30 + 3 * rank, 16, generator=torch.Generator().manual_seed(50 + rank)).to(
+            DEVICE
+        )
+        out_a, dx_a = run_step(per_pair, x, upstream)
+        out_b, dx_b = run_step(once, x, upstream)
+        checks.close(f"{name}: output", out_b, out_a, tol=1e-6)
+        checks.close(f"{name}: input grad", dx_b, dx_a, tol=1e-6)
+        checks.close(f"{name}: router grad", once.router.weight.grad, per_pair.router.weight.grad, tol=1e-6)
+        checks.close(f"{name}: w1 grad", once.experts.w1.grad, per_pair.experts.w1.grad, tol=1e-6)
+        routing = ep.route(per_pair.router(x), config)
+        owner_TK = torch.where(routing.keep, routing.expert_ids // (8 // size), rank)
+        pairs = {(t, int(p)) for t, row in enumerate(owner_TK) for p in row if int(p) != rank}
+        checks.true(
+            f"{name}: rows sent = distinct (token, other rank) pairs",
+            once.stats.rows_sent_to_other_ranks == len(pairs),
+            f"{once.stats.rows_sent_to_other_ranks} vs {len(pairs)}",
+        )
+        fewer, more = once.stats.rows_sent_to_other_ranks, per_pair.stats.rows_sent_to_other_ranks
+        # top-4 of 8 experts on <= 4 ranks: some token surely has two experts on one other rank.
+        checks.true(
+            f"{name}: no more rows than per assignment", fewer < more if top_k == 4 else fewer <= more
+        )
 
 
 def check_large_capacity_equals_dropless(checks, group):
@@ -375,6 +433,7 @@ def main() -> int:
         for check in (
             check_contract,
             check_large_capacity_equals_dropless,
+            check_once_per_rank_sends_each_token_once_per_rank,
             check_round_robin_placement,
             check_seed_designs,
             check_bad_input,

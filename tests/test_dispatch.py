@@ -5,13 +5,27 @@ import torch
 from expert_parallel import MoEConfig, route
 from expert_parallel.dispatch import (
     combine,
+    expand_by_expert,
     inverse_permutation,
     permute,
     permute_rows,
     plan_dispatch,
+    plan_rank_dispatch,
     source_to_expert_order,
+    sum_rows,
+    weighted_sum,
 )
 from expert_parallel.experts import grouped_linear
+from expert_parallel.router import Routing
+
+
+def _routing(expert_ids: torch.Tensor, keep: torch.Tensor, num_experts: int) -> Routing:
+    """A Routing with the given choices (weights 1) for plans that only read ids and keep."""
+    kept = torch.zeros(num_experts, dtype=torch.long).scatter_add_(
+        0, expert_ids.reshape(-1), keep.reshape(-1).long()
+    )
+    zero = torch.zeros(())
+    return Routing(expert_ids, keep.float(), keep, kept, zero, zero, None, kept, torch.zeros(num_experts))
 
 
 def test_plan_groups_kept_rows_by_expert_in_token_order():
@@ -85,3 +99,28 @@ def test_grouped_linear_equals_a_loop_with_empty_groups_and_gradients():
     # An expanded (stride-0) upstream gradient, as from out.sum().backward().
     grouped_linear(x, w, b, rows).sum().backward()
     assert w.grad[1].abs().sum() == 0 and b.grad[1].abs().sum() == 0
+
+
+def test_once_per_rank_plan_sends_each_token_once_per_destination_rank():
+    # P=2, e=2 (experts 0,1 on rank 0; 2,3 on rank 1), K=2; the docstring's example plus a dropped choice.
+    expert_ids = torch.tensor([[0, 1], [1, 2], [3, 0]])
+    keep = torch.tensor([[True, True], [True, True], [True, False]])
+    routing = _routing(expert_ids, keep, num_experts=4)
+    plan = plan_rank_dispatch(routing, num_ranks=2)
+    # pairs (rank, token): (0, t0) (0, t1) (1, t1) (1, t2): t2's choice of expert 0 was dropped
+    assert plan.rows_per_rank == [2, 2]
+    assert plan.token_R.tolist() == [0, 1, 1, 2]
+    assert plan.local_expert_RK.tolist() == [[0, 1], [1, -1], [-1, 0], [1, -1]]
+    assert plan.row_TK.tolist() == [[0, 4], [1, 2], [3, 4]]
+
+
+def test_expand_and_sum_undo_the_once_per_rank_rows():
+    local_expert_SK = torch.tensor([[1, 0], [-1, 1], [0, -1]])
+    row_A, slot_SK, rows_per_local_expert = expand_by_expert(local_expert_SK, num_local_experts=2)
+    assert rows_per_local_expert == [2, 2]
+    assert row_A.tolist() == [0, 2, 0, 1]  # expert 0: rows 0, 2; expert 1: rows 0, 1
+    assert slot_SK.tolist() == [[2, 0], [4, 3], [1, 4]]
+    y_AO = torch.tensor([[1.0], [2.0], [3.0], [4.0]])
+    weights = torch.tensor([[0.5, 0.25], [9.0, 2.0], [3.0, 9.0]])
+    assert weighted_sum(y_AO, weights, slot_SK).tolist() == [[0.5 * 3 + 0.25 * 1], [2.0 * 4], [3.0 * 2]]
+    assert sum_rows(torch.tensor([[1.0], [2.0]]), torch.tensor([[0, 1], [1, 2]])).tolist() == [[3.0], [2.0]]
