@@ -31,6 +31,7 @@ from expert_parallel import checkpoint, data
 from expert_parallel.config import from_section, load_toml
 from expert_parallel.model import ModelConfig, Transformer
 from expert_parallel.parallel import Layout, expert_parameters, make_layout, shard_experts, sum_gradients
+from launch import plot_load
 
 
 @dataclass(frozen=True)
@@ -227,6 +228,8 @@ class Trainer:
             "dropped_fraction": totals[2] / max(totals[3], 1),
             "expert_load_max_over_mean": max(imbalance, default=1.0),
             "expert_load_per_layer": imbalance,
+            # Per layer, each expert's share of the step's kept assignments (for expert_load.png).
+            "expert_share": (loads / loads.sum(dim=1, keepdim=True).clamp_min(1e-9)).tolist(),
             "peak_rss_mib": peak_rss / 2**20,
         }
 
@@ -284,6 +287,7 @@ class Trainer:
         }
         if self.rank == 0:
             (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            self.say(plot_load.write_png(metrics_path, self.out_dir / "expert_load.png"))
         return summary
 
     def log(self, row: dict, started: float, tokens_done: int) -> None:

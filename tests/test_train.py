@@ -67,6 +67,15 @@ def test_metrics_and_summary_are_written(tmp_path):
     assert summary["steps"] == 3 and summary["val_loss"] > 0 and summary["tokens_per_s"] > 0
     assert run.stdout.count("step ") >= 3 and "ETA" in run.stdout  # rank 0 only prints
     assert run.stdout.count("done: 3 steps") == 1
+    shares = rows[-1]["expert_share"]  # per layer, per expert: shares of the kept assignments
+    assert len(shares) >= 1 and all(abs(sum(layer) - 1) < 1e-6 for layer in shares)
+    png = tmp_path / "expert_load.png"
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "matplotlib is not installed" in run.stdout and not png.exists()
+    else:
+        assert f"wrote {png}" in run.stdout and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_unknown_keys_and_ill_typed_values_are_named(tmp_path):
