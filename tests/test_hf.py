@@ -1,0 +1,136 @@
+"""Hugging Face MoE blocks as MoELayers: equal outputs and gradients, the way back, and refusals.
+
+The blocks are tiny random ones built locally (tests/hf_checks.py), no download.
+"""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("transformers")
+
+from hf_checks import KINDS, TOL, block_grads, block_output, build_block  # noqa: E402
+from multirank import assert_all_ranks_succeeded, launch  # noqa: E402
+
+from expert_parallel.hf import copy_to_hf_block, from_hf_block  # noqa: E402
+
+
+def assert_close(ours: torch.Tensor, theirs: torch.Tensor, what: str) -> None:
+    assert ours.shape == theirs.shape, f"{what}: {ours.shape} vs {theirs.shape}"
+    diff = (ours - theirs).abs().max().item()
+    assert torch.allclose(ours, theirs, rtol=TOL, atol=TOL), f"{what}: max |diff| {diff:.3g}"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_layer_equals_block(kind):
+    block = build_block(kind)
+    layer = from_hf_block(block)
+    assert layer.config.capacity_factor is None and layer.num_local_experts == layer.config.num_experts
+    x = torch.randn(2, 13, 32)
+    upstream = torch.randn(2, 13, 32)
+    x_block, x_layer = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    want, got = block_output(block, x_block), layer(x_layer)
+    assert_close(got, want, f"{kind} output")
+    (want * upstream).sum().backward()
+    (got * upstream).sum().backward()
+    assert_close(x_layer.grad, x_block.grad, f"{kind} input grad")
+    theirs = block_grads(block, 0, layer.config.num_experts)
+    assert set(dict(layer.named_parameters())) == set(theirs)
+    for name, param in layer.named_parameters():
+        assert_close(param.grad, theirs[name], f"{kind} {name} grad")
+
+
+def test_configs_read_from_the_blocks():
+    mixtral, qwen, deepseek = (from_hf_block(build_block(kind)).config for kind in KINDS)
+    fields = ("score_func", "normalize_weights", "routed_scaling_factor", "selection_bias")
+    fields += ("num_groups", "group_topk", "num_shared_experts", "shared_hidden", "shared_expert_gate")
+    assert [getattr(mixtral, f) for f in fields] == ["softmax", True, 1.0, False, 1, None, 0, 0, False]
+    assert [getattr(qwen, f) for f in fields] == ["softmax", False, 1.0, False, 1, None, 1, 40, True]
+    assert [getattr(deepseek, f) for f in fields] == ["sigmoid", True, 2.5, True, 4, 2, 2, 48, False]
+    for config in (mixtral, qwen, deepseek):
+        assert (config.activation, config.bias, config.router_bias) == ("swiglu", False, False)
+        assert (config.capacity_factor, config.aux_loss_coef) == (None, 0.0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_round_trip(kind):
+    """Changed layer weights, written back, make the block compute what the layer computes."""
+    block = build_block(kind)
+    layer = from_hf_block(block)
+    with torch.no_grad():
+        for param in layer.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+        if layer.selection_bias is not None:
+            layer.selection_bias.add_(0.05 * torch.randn_like(layer.selection_bias))
+    target = build_block(kind, seed=7)
+    copy_to_hf_block(layer, target)
+    x = torch.randn(2, 13, 32)
+    with torch.no_grad():
+        assert_close(block_output(target, x), layer(x), f"{kind} written-back block")
+    again = from_hf_block(target)
+    for (name, ours), theirs in zip(again.state_dict().items(), layer.state_dict().values()):
+        assert torch.equal(ours, theirs), name
+
+
+def test_global_random_state_untouched():
+    block = build_block("mixtral")
+    state = torch.random.get_rng_state()
+    from_hf_block(block)
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_per_expert_module_list_layout():
+    """transformers 4.x blocks: a ModuleList of per-expert MLPs (Mixtral's w1/w3/w2, or gate/up/down_proj)."""
+    fused = build_block("mixtral")
+    want = from_hf_block(fused)
+    gate_up, down = fused.experts.gate_up_proj.data, fused.experts.down_proj.data
+    hidden = gate_up.shape[1] // 2
+    for names in (("w1", "w3", "w2"), ("gate_proj", "up_proj", "down_proj")):
+        mlps = nn.ModuleList()
+        for g in range(gate_up.shape[0]):
+            mlp = nn.Module()
+            mlp.act_fn = nn.SiLU()
+            for name, weight in zip(names, (gate_up[g, :hidden], gate_up[g, hidden:], down[g])):
+                linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+                linear.weight.data.copy_(weight)
+                setattr(mlp, name, linear)
+            mlps.append(mlp)
+        block = build_block("mixtral")
+        block.experts = mlps
+        got = from_hf_block(block)
+        for (name, ours), theirs in zip(got.state_dict().items(), want.state_dict().values()):
+            assert torch.equal(ours, theirs), (names, name)
+        copy_to_hf_block(got, block)  # and back, through the same views
+        assert torch.equal(block.experts[3].get_parameter(names[2] + ".weight"), down[3])
+
+
+def test_overrides_and_refusals():
+    block = build_block("mixtral")
+    assert from_hf_block(block, capacity_factor=1.25, aux_loss_coef=0.01).config.capacity_factor == 1.25
+    with pytest.raises(ValueError, match="no field"):
+        from_hf_block(block, capacity=2)
+    block.experts.has_bias = True
+    with pytest.raises(ValueError, match="has_bias"):
+        from_hf_block(block)
+    block = build_block("mixtral")
+    block.experts.act_fn = nn.GELU()
+    with pytest.raises(ValueError, match="not SiLU"):
+        from_hf_block(block)
+    with pytest.raises(ValueError, match="not a supported MoE block"):
+        from_hf_block(nn.Linear(4, 4))
+    # DeepSeek-V2's group-limited router ranks a group by its best score, MoEConfig by the sum of
+    # its two best: the probe of random tokens catches the different routing math.
+    with pytest.raises(ValueError, match="disagree"):
+        from_hf_block(build_block("deepseek_v2"))
+    with pytest.raises(ValueError, match="normalize_weights: layer True, block False"):
+        copy_to_hf_block(from_hf_block(build_block("mixtral")), build_block("qwen2_moe"))
+
+
+def test_expert_parallel_on_two_ranks():
+    results = launch(Path(__file__).with_name("hf_checks.py"), 2, timeout=180)
+    assert_all_ranks_succeeded(results)
+    for result in results:
+        assert re.search(r"rank \d: \d+ comparisons, 0 failures", result.output), result.output[-2000:]
