@@ -1,0 +1,145 @@
+"""The local experts: torch's grouped_mm path equals the per-expert loop, forward and every gradient.
+
+Both paths run the same products per group; only the bias is fused (addmm) in
+the loop and added after the GEMM in grouped_mm, so they agree to rounding.
+"""
+
+import pytest
+import torch
+
+from expert_parallel import MoEConfig, MoELayer
+from expert_parallel.experts import _GROUPED_MM, Experts, grouped_linear, grouped_mm_fits
+
+needs_grouped_mm = pytest.mark.skipif(_GROUPED_MM is None, reason="this torch has no grouped_mm")
+
+# Empty experts first, in the middle, last, and everywhere (no rows at all).
+ROW_SPLITS = [[3, 0, 5, 1], [0, 4, 4, 0], [7, 0, 0, 9], [0, 0, 0, 0], [1, 1, 1, 1]]
+
+
+def make_experts(activation: str, bias: bool, dtype=torch.float32, d=16, h=32) -> Experts:
+    config = MoEConfig(d_model=d, d_hidden=h, num_experts=4, top_k=1, activation=activation, bias=bias)
+    experts = Experts(config, 4)
+    for local_id in range(4):
+        experts.reset_expert(local_id, torch.Generator().manual_seed(local_id))
+    return experts.to(dtype)
+
+
+def run(experts: Experts, x: torch.Tensor, rows: list[int], gemm: str, upstream: torch.Tensor | None):
+    """Output and gradients (x first, then each parameter by name) of one forward + backward."""
+    experts.gemm = gemm
+    experts.zero_grad(set_to_none=True)
+    x = x.detach().requires_grad_()
+    out = experts(x, rows)
+    if upstream is None:
+        out.sum().backward()  # an expanded (stride-0) gradient arrives at the last GEMM
+    else:
+        out.backward(upstream)
+    grads = {"x": x.grad, **{name: p.grad for name, p in experts.named_parameters()}}
+    return out.detach(), grads
+
+
+@needs_grouped_mm
+@pytest.mark.parametrize("activation", ["relu", "swiglu"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("rows", ROW_SPLITS)
+@pytest.mark.parametrize("expanded", [False, True])
+def test_grouped_mm_equals_the_loop_forward_and_all_gradients(activation, bias, rows, expanded):
+    torch.manual_seed(0)
+    experts = make_experts(activation, bias)
+    x = torch.randn(sum(rows), 16)
+    upstream = None if expanded else torch.randn(sum(rows), 16)
+    out_loop, grads_loop = run(experts, x, rows, "loop", upstream)
+    out_mm, grads_mm = run(experts, x, rows, "grouped_mm", upstream)
+    torch.testing.assert_close(out_mm, out_loop, rtol=1e-5, atol=1e-6)
+    assert grads_mm.keys() == grads_loop.keys()
+    for name, grad in grads_loop.items():
+        assert grads_mm[name] is not None and grads_mm[name].shape == grad.shape, name
+        torch.testing.assert_close(grads_mm[name], grad, rtol=1e-5, atol=1e-5, msg=name)
+    for g, n in enumerate(rows):
+        if n == 0:  # an expert with no rows gets exactly zero gradient on both paths
+            for name, grad in grads_mm.items():
+                if name != "x":
+                    assert not grad[g].any() and not grads_loop[name][g].any(), (name, g)
+
+
+@needs_grouped_mm
+def test_grouped_mm_equals_the_loop_in_bf16():
+    torch.manual_seed(0)
+    rows = [5, 0, 6, 5]
+    experts = make_experts("relu", True, torch.bfloat16)
+    x = torch.randn(16, 16, dtype=torch.bfloat16)
+    upstream = torch.randn(16, 16, dtype=torch.bfloat16)
+    out_loop, grads_loop = run(experts, x, rows, "loop", upstream)
+    out_mm, grads_mm = run(experts, x, rows, "grouped_mm", upstream)
+    torch.testing.assert_close(out_mm, out_loop, rtol=2e-2, atol=2e-2)
+    for name, grad in grads_loop.items():
+        torch.testing.assert_close(grads_mm[name], grad, rtol=2e-2, atol=2e-2, msg=name)
+
+
+def test_grouped_linear_equals_written_out_products_on_both_paths():
+    torch.manual_seed(0)
+    rows = [3, 0, 5, 0]
+    x, w, b = torch.randn(8, 8), torch.randn(4, 8, 4), torch.randn(4, 4)
+    want = torch.cat([x_g @ w[g] + b[g] for g, x_g in enumerate(x.split(rows))])
+    gemms = ["loop", "auto"] + (["grouped_mm"] if _GROUPED_MM is not None else [])
+    for gemm in gemms:
+        torch.testing.assert_close(grouped_linear(x, w, b, rows, gemm), want, msg=gemm)
+
+
+@needs_grouped_mm
+def test_grouped_mm_requirements_are_checked_and_auto_falls_back_to_the_loop():
+    rows = [2, 2]
+    # grouped_mm needs row strides in multiples of 16 bytes: 4 fp32 columns, 8 bf16 ones.
+    assert grouped_mm_fits(torch.randn(4, 8), torch.randn(2, 8, 4))
+    assert not grouped_mm_fits(torch.randn(4, 6), torch.randn(2, 6, 4))
+    bf16, double = torch.bfloat16, torch.double
+    assert not grouped_mm_fits(torch.randn(4, 8, dtype=bf16), torch.randn(2, 8, 4, dtype=bf16))
+    assert not grouped_mm_fits(torch.randn(4, 8, dtype=double), torch.randn(2, 8, 4, dtype=double))
+    assert not grouped_mm_fits(torch.randn(8, 4).t(), torch.randn(2, 8, 4))
+    x, w = torch.randn(4, 6, dtype=torch.double), torch.randn(2, 6, 3, dtype=torch.double)
+    with pytest.raises(ValueError, match="grouped_mm cannot take"):
+        grouped_linear(x, w, None, rows, "grouped_mm")
+    auto, loop = grouped_linear(x, w, None, rows, "auto"), grouped_linear(x, w, None, rows, "loop")
+    torch.testing.assert_close(auto, loop)
+    with pytest.raises(ValueError, match="gemm='fast'"):
+        grouped_linear(x, w, None, rows, "fast")
+    with pytest.raises(ValueError, match="gemm='fast'"):
+        Experts(MoEConfig(d_model=8, d_hidden=8, num_experts=2, top_k=1), 2, gemm="fast")
+
+
+@pytest.mark.parametrize("gemm", ["loop", "grouped_mm"])
+def test_autocast_runs_the_experts_in_bf16_with_fp32_gradients(gemm):
+    if gemm == "grouped_mm" and _GROUPED_MM is None:
+        pytest.skip("this torch has no grouped_mm")
+    torch.manual_seed(0)
+    rows = [6, 0, 5, 5]
+    experts = make_experts("swiglu", True)
+    x, upstream = torch.randn(16, 16), torch.randn(16, 16)
+    out_fp32, grads_fp32 = run(experts, x, rows, "loop", upstream)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_bf16, grads_bf16 = run(experts, x.bfloat16(), rows, gemm, upstream.bfloat16())
+    assert out_bf16.dtype == torch.bfloat16
+    torch.testing.assert_close(out_bf16.float(), out_fp32, rtol=0.05, atol=0.05)
+    for name, grad in grads_fp32.items():
+        if name != "x":
+            assert grads_bf16[name].dtype == torch.float32, name
+        torch.testing.assert_close(grads_bf16[name].float(), grad, rtol=0.05, atol=0.05, msg=name)
+
+
+@needs_grouped_mm
+def test_layer_with_grouped_mm_experts_equals_the_loop():
+    torch.manual_seed(0)
+    layer = MoELayer(MoEConfig(d_model=16, d_hidden=32, num_experts=4, top_k=2))
+    x = torch.randn(2, 12, 16, requires_grad=True)
+    outs, grads = [], []
+    for gemm in ("loop", "grouped_mm"):
+        layer.experts.gemm = gemm
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        out = layer(x)
+        out.sum().backward()
+        outs.append(out.detach())
+        grads.append([x.grad, *(p.grad for p in layer.parameters())])
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
+    for mm, loop in zip(grads[1], grads[0]):
+        torch.testing.assert_close(mm, loop, rtol=1e-5, atol=1e-5)
