@@ -1,7 +1,7 @@
 """Hugging Face blocks run expert-parallel; tests/test_hf.py runs this on 2 gloo ranks.
 
 Also the home of the tiny random blocks that test_hf.py uses on one process.
-For each of Mixtral, Qwen2-MoE and DeepSeek-V3: every rank builds the same
+For each of Mixtral, Qwen2-MoE and DeepSeek-V3, and each dispatch mode: every rank builds the same
 block and the same input, then checks that the layer from `from_hf_block`
 gives, on this rank's own slice of the tokens, the block's output for those
 tokens; that the input gradient matches on those tokens; that each local
@@ -24,6 +24,7 @@ from torch import nn
 
 TOL = 1e-5
 KINDS = ("mixtral", "qwen2_moe", "deepseek_v3")
+DISPATCHES = ("per_assignment", "once_per_rank")  # MoEConfig.dispatch
 
 
 def build_block(kind: str, seed: int = 0) -> nn.Module:
@@ -115,12 +116,12 @@ def block_grads(block: nn.Module, first: int, count: int) -> dict[str, torch.Ten
     return grads
 
 
-def check_block(kind: str, group, failures: list[str], measured: dict[str, float]) -> None:
+def check_block(kind: str, dispatch: str, group, failures: list[str], measured: dict[str, float]) -> None:
     from expert_parallel.hf import copy_to_hf_block, from_hf_block
 
     rank, size = dist.get_rank(group), dist.get_world_size(group)
     block = build_block(kind, seed=1)
-    layer = from_hf_block(block, group)
+    layer = from_hf_block(block, group, dispatch=dispatch)
     torch.manual_seed(2)
     x = torch.randn(3, 11, 32)
     upstream = torch.randn(3, 11, 32)
@@ -138,9 +139,10 @@ def check_block(kind: str, group, failures: list[str], measured: dict[str, float
     def close(name: str, ours: torch.Tensor, theirs: torch.Tensor) -> None:
         """allclose(rtol=atol=TOL); records max |diff|, relative to max |theirs| where that exceeds 1."""
         diff = (ours - theirs).abs().max().item() if ours.shape == theirs.shape and ours.numel() else 0.0
-        measured[f"{kind} {name}"] = diff / max(1.0, theirs.abs().max().item())  # relative above 1
+        measured[f"{kind} {dispatch} {name}"] = diff / max(1.0, theirs.abs().max().item())  # relative above 1
         if ours.shape != theirs.shape or not torch.allclose(ours, theirs, rtol=TOL, atol=TOL):
-            failures.append(f"{kind}: {name} max |diff| {diff:.3g} (shapes {ours.shape} {theirs.shape})")
+            shapes = f"shapes {tuple(ours.shape)} {tuple(theirs.shape)}"
+            failures.append(f"{kind} {dispatch}: {name} max |diff| {diff:.3g} ({shapes})")
 
     close("output", got.detach(), want.detach().reshape(-1, 32)[mine])
     close("input grad", x_mine.grad, x_block.grad.reshape(-1, 32)[mine])
@@ -169,17 +171,19 @@ def main() -> int:
     measured: dict[str, float] = {}
     try:
         for kind in KINDS:
-            try:
-                check_block(kind, group, failures, measured)
-            except Exception:
-                failures.append(f"{kind}: {traceback.format_exc()}")
+            for dispatch in DISPATCHES:
+                try:
+                    check_block(kind, dispatch, group, failures, measured)
+                except Exception:
+                    failures.append(f"{kind} {dispatch}: {traceback.format_exc()}")
         failed = torch.tensor(len(failures))
         dist.all_reduce(failed)
         for failure in failures:
             print(f"rank {rank} FAILED {failure}", flush=True)
         for kind in KINDS:
-            output = measured.get(f"{kind} output", float("nan"))
-            grads = max((v for k, v in measured.items() if k.startswith(kind) and "grad" in k), default=0.0)
+            ours = {k: v for k, v in measured.items() if k.startswith(kind + " ")}
+            output = max((v for k, v in ours.items() if k.endswith(" output")), default=float("nan"))
+            grads = max((v for k, v in ours.items() if "grad" in k), default=float("nan"))
             print(f"rank {rank}: {kind}: output max |diff| {output:.2g}, grads {grads:.2g}", flush=True)
         print(f"rank {rank}: {len(measured)} comparisons, {len(failures)} failures", flush=True)
         return 1 if int(failed) else 0
