@@ -7,7 +7,7 @@ receives for its own experts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,7 @@ from .dispatch import (
     weighted_sum,
 )
 from .experts import Experts, uniform_
+from .placement import Placement
 from .router import Routing, route, switch_aux_loss
 from .shared import SharedExperts
 
@@ -66,27 +67,41 @@ class MoELayer(nn.Module):
     router's choice of experts, e.g. to measure skewed or all-to-one loads;
     None (the default) routes normally. See `route`.
 
+    `placement` (redundant experts, EPLB-style; see placement.balance): rank r
+    holds s = (E + R) / P physical experts, the logical experts
+    `placement.physical_to_logical[r]`, listed in `local_expert_ids`. Each
+    rank splits its kept rows for logical expert g evenly over g's replicas
+    (see `_to_physical`); the router, aux losses and `stats` stay logical.
+    After backward call `sync_replica_grads()` (parallel.sum_gradients does)
+    so that every replica gets its logical expert's whole gradient and the
+    replicas stay identical. `apply_placement` changes the layout of a
+    trained layer, moving weights (and optimizer state) between ranks.
+    None (the default): rank r holds r*E/P ... (r+1)*E/P - 1, no replicas.
+
     Initialisation depends only on the seed drawn from the default generator
     of group rank 0, not on the layout: after torch.manual_seed(s), a layer
     over P ranks holds exactly its slice of the experts a group=None layer
     would hold, and every rank holds the same router.
     """
 
-    def __init__(self, config: MoEConfig, group=None, stats_group=None, *, name: str | None = None):
+    def __init__(
+        self,
+        config: MoEConfig,
+        group=None,
+        stats_group=None,
+        *,
+        name: str | None = None,
+        placement: Placement | None = None,
+    ):
         super().__init__()
         rank, size = comm.rank_and_size(group)
-        if config.num_experts % size:
-            raise ValueError(
-                f"MoEConfig.num_experts={config.num_experts} is not divisible by the group size {size}"
-            )
         self.config = config
         self.group = group if size > 1 else None
         stats_group = group if stats_group is None else stats_group
         self.stats_group = stats_group if comm.rank_and_size(stats_group)[1] > 1 else None
         self.rank, self.group_size = rank, size
-        self.num_local_experts = config.num_experts // size
-        self.first_expert = rank * self.num_local_experts
         self.where = f"MoELayer{f' {name!r}' if name else ''} on rank {rank} of {size}"
+        self._set_placement(placement)
         self.router = nn.Linear(config.d_model, config.num_experts, bias=config.router_bias)
         self.experts = Experts(config, self.num_local_experts)
         self.shared_experts = SharedExperts(config) if config.num_shared_experts else None
@@ -99,7 +114,10 @@ class MoELayer(nn.Module):
             "step_choices", torch.zeros(config.num_experts, dtype=torch.long), persistent=False
         )
         seed = int(torch.randint(0, 2**62, ()))
-        self.reset_parameters(comm.agree_on_init(config.to_dict(), seed, self.group))
+        agreed = config.to_dict()
+        if placement is not None:  # every rank must hold the same placement
+            agreed["placement"] = placement.physical_to_logical.tolist()
+        self.reset_parameters(comm.agree_on_init(agreed, seed, self.group))
         self.aux_loss: Tensor | None = None
         self.forced_expert_ids: Tensor | None = None
         self.stats: RoutingStats | None = None
@@ -107,14 +125,15 @@ class MoELayer(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, seed: int) -> None:
-        """Router from `seed`; global expert g from `seed + 1 + g`; shared experts from `seed + 1 + E`."""
+        """Router from `seed`; logical expert g from `seed + 1 + g` (so replicas start equal);
+        shared experts from `seed + 1 + E`."""
         bound = 1.0 / self.config.d_model**0.5
         generator = torch.Generator().manual_seed(seed)
         uniform_(self.router.weight, bound, generator)
         if self.router.bias is not None:
             uniform_(self.router.bias, bound, generator)
-        for local_id in range(self.num_local_experts):
-            generator.manual_seed(seed + 1 + self.first_expert + local_id)
+        for local_id, logical_id in enumerate(self.local_expert_ids):
+            generator.manual_seed(seed + 1 + logical_id)
             self.experts.reset_expert(local_id, generator)
         if self.shared_experts is not None:
             self.shared_experts.reset_parameters(generator.manual_seed(seed + 1 + self.config.num_experts))
@@ -139,20 +158,29 @@ class MoELayer(nn.Module):
             except ValueError as err:
                 problem = (ValueError, str(err))
             x_TD = _to_autocast_dtype(x_TD)
+        expert_routing = routing  # over physical experts (replicas) with a placement
+        if routing is not None and self.placement is not None:
+            expert_routing = _to_physical(
+                routing,
+                self._logical_to_physical,
+                self._replica_count,
+                self.group_size * self.num_local_experts,
+                self.rank,
+            )
         if self.group is None:
             if problem is not None:
                 raise problem[0](f"{self.where}: {problem[1]}")
-            plan = plan_dispatch(routing)
+            plan = plan_dispatch(expert_routing)
             self._check_expert_load([plan.rows_per_expert])
             y_RO, rows_away = self.experts(permute(x_TD, plan), plan.rows_per_expert), 0
             out_TO = combine(y_RO, routing.weights, plan)
         elif config.dispatch == "once_per_rank":
-            rank_plan = plan_rank_dispatch(routing, self.group_size) if routing is not None else None
-            _, rows_PP = self._gather_counts(x, routing, problem, rank_plan)
-            out_TO, rows_away = self._run_once_per_rank(x_TD, routing, rank_plan, rows_PP)
+            rank_plan = plan_rank_dispatch(expert_routing, self.group_size) if routing is not None else None
+            _, rows_PP = self._gather_counts(x, expert_routing, problem, rank_plan)
+            out_TO, rows_away = self._run_once_per_rank(x_TD, expert_routing, rank_plan, rows_PP)
         else:
-            rows_PE, _ = self._gather_counts(x, routing, problem)
-            plan = plan_dispatch(routing)
+            rows_PE, _ = self._gather_counts(x, expert_routing, problem)
+            plan = plan_dispatch(expert_routing)
             y_RO, rows_away = self._run_on_owners(permute(x_TD, plan), plan, rows_PE)
             out_TO = combine(y_RO, routing.weights, plan)
         if self.shared_experts is not None:
@@ -197,6 +225,15 @@ class MoELayer(nn.Module):
         choices_E = comm.sum_counts(self.step_choices, self.stats_group, f"{self.where}: global-batch counts")
         return switch_aux_loss(choices_E, routing.mean_probs)
 
+    def _apply(self, fn, recurse=True):
+        # NOTE: the selection bias stays float32 through .to(bf16) / .half(): its updates
+        # (1e-3 steps) would vanish in bf16, and HF keeps DeepSeek's correction bias in fp32.
+        bias = self.selection_bias
+        super()._apply(fn, recurse)
+        if bias is not None and self.selection_bias.dtype != torch.float32:
+            self.selection_bias = bias.to(device=self.selection_bias.device, dtype=torch.float32)
+        return self
+
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
         """Call after each optimizer step (every rank of stats_group): ends the step's statistics.
@@ -222,10 +259,10 @@ class MoELayer(nn.Module):
         problem: tuple[type, str] | None,
         rank_plan: RankDispatchPlan | None = None,
     ) -> tuple[list[list[int]], list[list[int]]]:
-        """Every rank's kept assignments per expert [P][E], and rows per destination rank [P][P]
-        under once-per-rank dispatch ([P][0] otherwise); fails on every rank at once if any
+        """Every rank's kept assignments per (physical) expert [P][E], and rows per destination rank
+        [P][P] under once-per-rank dispatch ([P][0] otherwise); fails on every rank at once if any
         rank's input is bad."""
-        size, num_experts = self.group_size, self.config.num_experts
+        size, num_experts = self.group_size, self.group_size * self.num_local_experts
         once = self.config.dispatch == "once_per_rank"
         device = self.router.weight.device
         if routing is None:
@@ -318,7 +355,116 @@ class MoELayer(nn.Module):
         z_RO = comm.all_to_all(z_SO, send_splits, recv_splits, self.group, "combine", tag)
         return sum_rows(z_RO, plan.row_TK), plan.num_rows - send_splits[self.rank]
 
+    def _set_placement(self, placement: Placement | None) -> None:
+        """Check `placement` against the config and group; set the local layout it gives this rank."""
+        num_experts, size = self.config.num_experts, self.group_size
+        if placement is None:
+            if num_experts % size:
+                raise ValueError(
+                    f"MoEConfig.num_experts={num_experts} is not divisible by the group size {size}"
+                )
+            self.num_local_experts = num_experts // size
+            self.first_expert = self.rank * self.num_local_experts
+            self.local_expert_ids = list(range(self.first_expert, self.first_expert + self.num_local_experts))
+            self.placement = None
+            return
+        physical_PS = placement.physical_to_logical
+        if (
+            physical_PS.dim() != 2
+            or physical_PS.shape[0] != size
+            or placement.replica_count.numel() != num_experts
+        ):
+            raise ValueError(
+                f"{self.where}: placement for {physical_PS.shape[0]} ranks and "
+                f"{placement.replica_count.numel()} experts, but the group has {size} ranks and "
+                f"MoEConfig.num_experts={num_experts}"
+            )
+        if sorted(set(physical_PS.flatten().tolist())) != list(range(num_experts)):
+            raise ValueError(f"{self.where}: placement does not hold every logical expert at least once")
+        self.placement = placement
+        self.num_local_experts = physical_PS.shape[1]
+        self.first_expert = self.rank * self.num_local_experts  # first local physical id
+        self.local_expert_ids = physical_PS[self.rank].tolist()
+        device = self.router.weight.device if hasattr(self, "router") else None
+        self.register_buffer(
+            "_logical_to_physical", placement.logical_to_physical.to(device), persistent=False
+        )
+        self.register_buffer("_replica_count", placement.replica_count.to(device), persistent=False)
+
+    @torch.no_grad()
+    def sync_replica_grads(self) -> None:
+        """Give every replica of a logical expert the sum of all its replicas' gradients (over the group).
+
+        Call after backward, on every rank of the group, before the optimizer
+        step (parallel.sum_gradients does). Each replica then holds the gradient
+        the no-replica layer's logical expert gets, so replicas stay identical.
+        NOTE: one all-reduce of [E, ...] per expert tensor, all E logical experts:
+        simple, not minimal traffic. No-op without a placement.
+        """
+        if self.placement is None:
+            return
+        params = list(self.experts.parameters())
+        ids = torch.tensor(self.local_expert_ids, device=params[0].device)
+        full = []
+        for param in params:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+            full.append(param.grad.new_zeros((self.config.num_experts, *param.shape[1:])))
+            full[-1].index_add_(0, ids, param.grad)
+        comm.sum_tensors(full, self.group, f"{self.where}: replica gradients")
+        for param, total in zip(params, full):
+            param.grad.copy_(total.index_select(0, ids))
+
+    @torch.no_grad()
+    def apply_placement(
+        self, placement: Placement | None, optimizer: torch.optim.Optimizer | None = None
+    ) -> None:
+        """Lay the experts out as `placement` says (None: contiguous, no replicas), keeping their weights.
+
+        Every rank of the group calls it with the same placement (checked).
+        Weights move between ranks by an all-gather of the local experts over
+        the group (each rank receives every physical expert: simple, not minimal
+        traffic); with `optimizer`, its per-expert state (AdamW exp_avg,
+        exp_avg_sq) moves the same way. Gradients are dropped (set to None).
+        The parameters stay the same objects, so an optimizer keeps tracking them.
+        """
+        comm.agree_on_init(
+            {"placement": None if placement is None else placement.physical_to_logical.tolist()},
+            0,
+            self.group,
+        )
+        old_ids = (
+            torch.arange(self.config.num_experts)
+            if self.placement is None
+            else self.placement.physical_to_logical.flatten()
+        )
+        if self.placement is not None:
+            del self._logical_to_physical, self._replica_count
+        self._set_placement(placement)
+        new_ids = torch.tensor(self.local_expert_ids)
+
+        def moved(tensor_sX: Tensor) -> Tensor:
+            gathered = comm.all_gather_rows(tensor_sX.contiguous(), self.group, f"{self.where}: placement")
+            full = gathered.new_empty((self.config.num_experts, *tensor_sX.shape[1:]))
+            full[old_ids.to(full.device)] = gathered  # replicas are identical: any copy will do
+            return full[new_ids.to(full.device)].clone()
+
+        for param in self.experts.parameters():
+            old_shape = param.shape
+            param.data = moved(param.data)
+            param.grad = None
+            state = optimizer.state.get(param, {}) if optimizer is not None else {}
+            for slot, value in state.items():
+                if isinstance(value, Tensor) and value.shape == old_shape:
+                    state[slot] = moved(value)
+        self.experts.num_local_experts = self.num_local_experts
+
     def extra_repr(self) -> str:
+        if self.placement is not None:
+            return (
+                f"logical experts {self.local_expert_ids} of {self.config.num_experts} "
+                f"on rank {self.rank} of {self.group_size}"
+            )
         return (
             f"experts {self.first_expert}..{self.first_expert + self.num_local_experts - 1} "
             f"of {self.config.num_experts} on rank {self.rank} of {self.group_size}"
@@ -327,6 +473,41 @@ class MoELayer(nn.Module):
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _DTYPE_CODES = {dtype: code for code, dtype in enumerate(_DTYPES)}
+
+
+def _to_physical(
+    routing: Routing, logical_to_physical_EX: Tensor, replica_count_E: Tensor, num_physical: int, rotate: int
+) -> Routing:
+    """`routing` with each kept assignment's logical expert replaced by one of its physical replicas.
+
+    This rank's kept rows for logical expert g, in token order (slot t * K + k),
+    are c rows; g has n replicas; row j goes to replica (floor(j * n / c) + rotate) % n
+    (of logical_to_physical[g], ascending physical ids). `rotate` (the rank)
+    spreads experts with few rows per rank (c < n) over all their replicas.
+    Example: c = 5, n = 2, rotate = 1: rows 0-2 -> replica 1, rows 3-4 -> replica 0.
+    Dropped slots keep their id (unused). tokens_per_expert becomes [P * s] per physical expert.
+    """
+    num_experts = replica_count_E.numel()
+    keep_N = routing.keep.reshape(-1)
+    logical_N = torch.where(keep_N, routing.expert_ids.reshape(-1), num_experts)
+    # NOTE: stable, so each expert's rows keep token order.
+    order_N = logical_N.argsort(stable=True)
+    sorted_N = logical_N[order_N]
+    counts_E1 = torch.bincount(logical_N, minlength=num_experts + 1)
+    starts_E1 = counts_E1.cumsum(0) - counts_E1
+    j_N = torch.arange(sorted_N.numel(), device=sorted_N.device) - starts_E1[sorted_N]
+    count_E1 = F.pad(replica_count_E, (0, 1), value=1)
+    n_N, c_N = count_E1[sorted_N], counts_E1[sorted_N].clamp_min(1)
+    replica_N = (j_N * n_N // c_N + rotate) % n_N
+    physical_EX = F.pad(logical_to_physical_EX, (0, 0, 0, 1), value=0)
+    physical_N = torch.empty_like(logical_N)
+    physical_N[order_N] = physical_EX[sorted_N, replica_N]
+    physical_N = torch.where(keep_N, physical_N, routing.expert_ids.reshape(-1))
+    tokens_per_physical = torch.zeros(num_physical, dtype=torch.long, device=keep_N.device)
+    tokens_per_physical.scatter_add_(0, physical_N, keep_N.long())
+    return replace(
+        routing, expert_ids=physical_N.view_as(routing.expert_ids), tokens_per_expert=tokens_per_physical
+    )
 
 
 def _input_problem(x: object, config: MoEConfig, weight: Tensor) -> tuple[type, str] | None:

@@ -250,3 +250,15 @@ def test_routing_features_are_validated(changes, words):
     with pytest.raises(ValueError) as err:
         replace(BASE, **changes)
     assert all(w in str(err.value) for w in words), str(err.value)
+
+
+def test_the_selection_bias_stays_float32_when_the_layer_is_cast():
+    torch.manual_seed(0)
+    layer = ep.MoELayer(replace(BASE, selection_bias=True, selection_bias_rate=1e-3))
+    layer.selection_bias.fill_(1.0001)  # not representable in bf16
+    layer.to(torch.bfloat16)
+    assert layer.router.weight.dtype == torch.bfloat16
+    assert layer.selection_bias.dtype == torch.float32 and float(layer.selection_bias[0]) == pytest.approx(
+        1.0001
+    )
+    assert "selection_bias" in layer.state_dict()
