@@ -93,3 +93,22 @@ def test_a_dotted_global_inside_an_allowed_module_is_refused(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="os.system"):
         checkpoint.load(tmp_path / "step_1", model, optimizer)
     assert not marker.exists()
+
+
+def test_the_selection_bias_and_shared_experts_are_saved_and_loaded(tmp_path):
+    moe = dict(d_model=8, d_hidden=8, num_experts=4, selection_bias=True, num_shared_experts=1)
+    config = ModelConfig.from_dict(dict(seq_len=8, d_model=8, n_layers=1, n_heads=2, moe=moe))
+    torch.manual_seed(0)
+    model = Transformer(config)
+    layer = model.blocks[0].ffn
+    layer.selection_bias.copy_(torch.tensor([0.1, -0.2, 0.3, -0.4]))
+    state = checkpoint.model_state(model)
+    assert "blocks.0.ffn.selection_bias" in state and "blocks.0.ffn.shared_experts.w1" in state
+    assert "blocks.0.ffn.step_choices" not in state  # per-step counts are not state
+    checkpoint.save(tmp_path, 1, model, torch.optim.AdamW(model.parameters()))
+    with torch.no_grad():
+        layer.selection_bias.zero_()
+        layer.shared_experts.w1.zero_()
+    checkpoint.load(checkpoint.latest(tmp_path), model)
+    assert layer.selection_bias.tolist() == pytest.approx([0.1, -0.2, 0.3, -0.4])
+    assert bool(layer.shared_experts.w1.abs().sum() > 0)
