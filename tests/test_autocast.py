@@ -1,0 +1,64 @@
+"""bf16 autocast: the router stays in fp32 and chooses what fp32 chooses; tokens and experts run in bf16.
+
+Kept tiny: on an AVX2-only CPU a bf16 GEMM runs about 100x slower than fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import expert_parallel as ep
+from expert_parallel.router import route
+
+CONFIG = ep.MoEConfig(d_model=16, d_hidden=32, num_experts=4, top_k=2, activation="swiglu")
+
+
+def near_tied_layer_and_tokens() -> tuple[ep.MoELayer, torch.Tensor]:
+    """A router whose experts 0 and 1 (and 2 and 3) differ by ~1e-4 in logit: below bf16's resolution."""
+    torch.manual_seed(0)
+    layer = ep.MoELayer(CONFIG)
+    x = torch.randn(64, 16)
+    with torch.no_grad():
+        base = torch.randn(2, 16)
+        tiny = torch.randn(2, 16) * 1e-4
+        layer.router.weight.copy_(torch.stack([base[0], base[0] + tiny[0], base[1], base[1] + tiny[1]]))
+        layer.router.bias.zero_()
+    return layer, x
+
+
+def test_near_ties_choose_the_same_experts_under_autocast():
+    layer, x = near_tied_layer_and_tokens()
+    fp32_ids = route(layer._router_logits(x), CONFIG).expert_ids
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast_logits = layer._router_logits(x)
+    assert autocast_logits.dtype == torch.float32
+    assert torch.equal(route(autocast_logits, CONFIG).expert_ids, fp32_ids)
+    # The check can fail: a bf16 router flips some of these near-ties.
+    bf16_logits = F.linear(x.bfloat16(), layer.router.weight.bfloat16()).float()
+    assert not torch.equal(route(bf16_logits, CONFIG).expert_ids, fp32_ids)
+
+
+def test_under_autocast_the_layer_runs_bf16_close_to_fp32_with_fp32_gradients():
+    layer, x = near_tied_layer_and_tokens()
+    upstream = torch.randn(64, 16)
+    x32 = x.clone().requires_grad_(True)
+    out32 = layer(x32)
+    (out32 * upstream).sum().backward()
+    grads32 = {n: p.grad.clone() for n, p in layer.named_parameters()}
+    tokens32 = layer.stats.tokens_per_expert.clone()
+    layer.zero_grad()
+
+    x16 = x.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out16 = layer(x16)
+        (out16.float() * upstream).sum().backward()
+    assert out16.dtype == torch.bfloat16
+    assert torch.equal(layer.stats.tokens_per_expert, tokens32)  # the same choices
+    scale = out32.abs().max()
+    assert (out16.float() - out32).abs().max() / scale < 2e-2
+    for name, param in layer.named_parameters():
+        assert param.grad.dtype == torch.float32, name
+        relative = (param.grad - grads32[name]).norm() / grads32[name].norm()
+        assert relative < 5e-2, f"{name}: relative gradient difference {relative:.3g}"
+    assert (x16.grad.float() - x32.grad).norm() / x32.grad.norm() < 5e-2
