@@ -5,7 +5,10 @@ tensor split per global expert, `<layer>.experts.<w>.<g>` ([D, H] for w1 of
 expert g); optimizer moments the same way under `optim.`; the step and the
 RNG state under `trainer.`. A rank holds only its local experts' keys, so a
 checkpoint saved at one ep size loads at any other that divides the expert
-count: each rank asks for the experts it now owns.
+count: each rank asks for the experts it now owns. With redundant experts (a
+placement, see MoELayer) a rank saves one copy per logical expert it holds
+(ranks holding the same expert write the same key; DCP keeps one) and loads
+it into all its replicas, so runs with and without replicas share checkpoints.
 
 Saves are atomic: every rank writes `step_<N>.partial/`, then rank 0 renames
 it to `step_<N>/` once all have finished; a crash in between leaves the
@@ -39,21 +42,45 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read: missing, truncated, corrupted or unsafe. Names the path."""
 
 
-def expert_tensor_names(model: nn.Module) -> dict[str, int]:
-    """Parameter name -> first global expert id, for every stacked expert parameter of the model."""
+def expert_tensor_names(model: nn.Module) -> dict[str, list[int]]:
+    """Parameter name -> the logical expert id of each local expert, for every stacked expert parameter."""
     return {
-        f"{layer_name}.experts.{pname}": layer.first_expert
+        f"{layer_name}.experts.{pname}": layer.local_expert_ids
         for layer_name, layer in model.named_modules()
         if isinstance(layer, MoELayer)
         for pname, _ in layer.experts.named_parameters()
     }
 
 
-def _split(key: str, tensor: Tensor, first_expert: int | None) -> dict[str, Tensor]:
-    """{key: tensor}, or for stacked expert tensors one view per local expert keyed by its global id."""
-    if first_expert is None or tensor.dim() == 0:
+def _split(key: str, tensor: Tensor, expert_ids: list[int] | None) -> dict[str, Tensor]:
+    """{key: tensor}, or for stacked expert tensors one view per local expert keyed by its logical id
+    (the first of its replicas on this rank: `_fill_replicas` copies it to the others after a load)."""
+    if expert_ids is None or tensor.dim() == 0:
         return {key: tensor}
-    return {f"{key}.{first_expert + j}": tensor[j] for j in range(tensor.shape[0])}
+    state: dict[str, Tensor] = {}
+    for j, expert in enumerate(expert_ids):
+        state.setdefault(f"{key}.{expert}", tensor[j])
+    return state
+
+
+@torch.no_grad()
+def _fill_replicas(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    """Copy each expert's first local replica, which a load wrote, into its other replicas on this rank."""
+    for layer in model.modules():
+        if not isinstance(layer, MoELayer):
+            continue
+        ids = layer.local_expert_ids
+        first = [ids.index(expert) for expert in ids]
+        if first == list(range(len(ids))):
+            continue
+        source = torch.tensor(first)
+        for param in layer.experts.parameters():
+            tensors = [param.data]
+            if optimizer is not None:
+                slots = optimizer.state.get(param, {}).values()
+                tensors += [v for v in slots if isinstance(v, Tensor) and v.shape == param.shape]
+            for tensor in tensors:
+                tensor.copy_(tensor.index_select(0, source.to(tensor.device)))
 
 
 def model_state(model: nn.Module) -> dict[str, Tensor]:
@@ -132,6 +159,7 @@ def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None =
     else:
         state = training_state(model, optimizer, step=0)
     _load_into(path, state)
+    _fill_replicas(model, optimizer)
     if optimizer is not None:
         torch.set_rng_state(state["trainer.rng"])
     return int(state["trainer.step"])

@@ -151,6 +151,29 @@ def sum_counts(
     return total_E
 
 
+def sum_tensors(tensors: list[Tensor], group: dist.ProcessGroup | None, what: str) -> None:
+    """Sum each tensor over the ranks of `group`, in place, in one all-reduce of a flat copy."""
+    if group is None or dist.get_world_size(group) == 1 or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    with _naming_failures(what, group):
+        dist.all_reduce(flat, group=group)
+    offset = 0
+    for tensor in tensors:
+        tensor.copy_(flat[offset : offset + tensor.numel()].view_as(tensor))
+        offset += tensor.numel()
+
+
+def all_gather_rows(x: Tensor, group: dist.ProcessGroup | None, what: str) -> Tensor:
+    """[P * n, ...]: every rank's x [n, ...] (the same n on every rank), in rank order; x for no group."""
+    if group is None or dist.get_world_size(group) == 1:
+        return x
+    gathered = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    with _naming_failures(what, group):
+        dist.all_gather(gathered, x.contiguous(), group=group)
+    return torch.cat(gathered)
+
+
 def agree_on_init(config_dict: dict, seed: int, group: dist.ProcessGroup | None) -> int:
     """Check that every rank of `group` built the same config; return group rank 0's seed.
 

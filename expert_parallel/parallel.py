@@ -101,8 +101,13 @@ def sum_gradients(model: nn.Module, layout: Layout) -> None:
     tokens: summed over the world. An expert's gradient already holds every
     ep rank's tokens, brought home by the backward all-to-all: summed over the
     dp ranks that hold the same expert. With ep = 1 the experts are replicated
-    like any dense parameter, and the dp group is the world.
+    like any dense parameter, and the dp group is the world. Layers with
+    redundant experts first sum each logical expert's replica gradients
+    over the ep group (MoELayer.sync_replica_grads).
     """
+    for module in model.modules():
+        if isinstance(module, MoELayer):
+            module.sync_replica_grads()
     if layout.world == 1:
         return
     params = [p for p in model.parameters() if p.requires_grad]
