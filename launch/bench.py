@@ -1,37 +1,53 @@
-"""Benchmark: the expert-parallel MoELayer against the dense FFN its experts amount to, on gloo CPU ranks.
+"""Benchmark: MoELayer against the dense FFN floor, fairscale and the seed's loop, on gloo CPU ranks.
 
-    torchrun --standalone --nproc-per-node 2 -m launch.bench [--capacity none,1.25] [--json PATH]
-    torchrun --standalone --nproc-per-node 2 -m launch.bench --quick        # a smoke run in seconds
+    torchrun --standalone --nproc-per-node 2 -m launch.bench             # layer vs floor, with a breakdown
+    torchrun --standalone --nproc-per-node 2 -m launch.bench --compare   # side by side, one run
+    torchrun --standalone --nproc-per-node 2 -m launch.bench --quick     # a smoke run in seconds
+    # scaling and skew (see BENCHMARKS.md for the exact commands):
+    ... -m launch.bench --tokens 1024,4096,16384 --impls layer,floor,loop,fairscale --capacity none
+    ... -m launch.bench --experts 8,16,32,64 --capacity none   # fixed top-k and H: fixed active parameters
+    ... -m launch.bench --skew uniform,zipf,one --capacity none,1.25
+    torchrun --standalone --nproc-per-node 1 -m launch.bench --impls layer,floor,breakdown --capacity none
 
-Per capacity setting ("none" = dropless), three forward + backward steps, run
-round-robin so that a shared host's drifting speed reaches them alike; each is
-timed as the slowest rank's seconds per round (all_reduce MAX), median over rounds:
-- layer: MoELayer on T random tokens per rank (requiring grad, as inside a model),
-  loss (out * upstream).sum() + aux_loss.
+Every case (a token count, an expert count, a skew) builds its implementations
+on the same tokens and runs them round-robin, so that a shared host's drifting
+speed reaches them alike; each is timed as the slowest rank's forward +
+backward per round (all-gathered), median over rounds. Implementations (--impls):
+- layer: MoELayer per capacity setting (--capacity, "none" = dropless) on T
+  random tokens per rank (requiring grad, as inside a model); loss
+  (out * upstream).sum() + aux_loss.
 - floor: on each rank, one dense FFN relu(x @ w1 + b1) @ w2 + b2 over the S rows
   that rank's experts computed in the layer's forward: the GEMMs the layer cannot avoid.
-- breakdown: an instrumented pass through the library functions the layer calls,
-  with the layer's own weights. Each phase runs on detached copies of its inputs,
-  so its backward can be run and timed on its own, in reverse order, handing each
-  gradient on by hand. A barrier (untimed) precedes each all-to-all phase, so that
-  waiting for a slower peer is not charged to the exchange; each phase is charged
-  to its slowest rank. The sum is printed beside the layer's time as a check.
-The ratio layer / floor is of the two medians; the per-round ratios show the noise.
+- breakdown: an instrumented pass through the library functions the layer
+  calls, with the layer's own weights, phase by phase (see
+  bench_tools.PhaseTape); no phase is charged for waiting on a slower peer,
+  so a rank's sum of phases is its own work.
+- fairscale: fairscale's MOELayer with Top2Gate (capacity 2T/E), with its own
+  breakdown; skipped with a note where fairscale is not installed, or where
+  its [T, E, C] tensors would not fit in memory.
+- loop: the seed's SimpleMoE, a boolean-mask pass per expert, all E experts on every rank.
+Memory: after timing, each implementation's step runs once more while a
+thread samples RSS, with glibc told to return freed memory (so RSS follows
+the live tensors): the step's peak above the RSS before it, per rank.
+All-to-all efficiency: the layer's data exchanges (bytes each rank sends to
+other ranks, 4 exchanges per step) per second, over the rate of a plain
+all_to_all_single of the same size between the same ranks, in the same run.
 
-Legend: T tokens on this rank, D d_model, H d_hidden, O d_out, K top-k, R rows this
-rank sends (kept assignments), S rows its own experts compute (received).
+Legend: T tokens on this rank, D d_model, H d_hidden, O d_out, E experts, e
+local experts, K top-k, R rows this rank sends (kept assignments), S rows its
+own experts compute (received), P ranks.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
+import gc
 import json
+import math
 import resource
 import statistics
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
@@ -41,34 +57,88 @@ import torch.distributed as dist
 import expert_parallel as ep
 from expert_parallel import comm, dispatch
 from expert_parallel.router import route
+from launch import bench_peers
+from launch.bench_tools import (
+    SKEWS,
+    PhaseTape,
+    forced_expert_ids,
+    keep_freed_memory,
+    plain_all_to_all_seconds,
+    return_freed_memory,
+    rss_peak,
+    trim,
+)
 
-PHASES = ("routing", "permutation", "all-to-all", "experts", "combine", "loss")
-QUICK = {"tokens": 256, "d_model": 64, "d_hidden": 128, "steps": 2, "warmup": 1}
+PHASES = bench_peers.PHASES
+IMPLS = ("layer", "floor", "breakdown", "fairscale", "loop")
+QUICK = {"tokens": [256], "d_model": 64, "d_hidden": 128, "steps": 2, "warmup": 1}
+GOALS = {"layer / fairscale": 0.35, "layer / floor": 1.05}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--tokens", type=int, default=4096, help="tokens per rank")
+
+    def ints(text: str) -> list[int]:
+        return [int(v) for v in text.split(",")]
+
+    parser.add_argument("--tokens", type=ints, default=[4096], help="tokens per rank; a comma list sweeps")
     parser.add_argument("--d-model", type=int, default=512)
     parser.add_argument("--d-hidden", type=int, default=2048)
-    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--experts", type=ints, default=[8], help="E; a comma list sweeps")
     parser.add_argument("--top-k", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=5, help="timed steps")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    parser.add_argument("--capacity", default="none,1.25", help='comma list of factors; "none" = dropless')
+    parser.add_argument(
+        "--fine-grained",
+        action="store_true",
+        help="with an --experts sweep, scale d_hidden by E0/E and top-k by E/E0 (E0 the first "
+        "count): total and active parameters both fixed (default: top-k and d_hidden fixed, "
+        "so active parameters fixed and total parameters growing with E)",
+    )
+    parser.add_argument("--steps", type=int, default=5, help="timed rounds")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    parser.add_argument(
+        "--capacity",
+        help='comma list of factors; "none" = dropless (default none,1.25; --compare none,1.0,1.25)',
+    )
+    parser.add_argument("--compare", action="store_true", help="every implementation side by side")
+    parser.add_argument(
+        "--impls", help=f"comma list of {IMPLS} (default layer,floor,breakdown; --compare all)"
+    )
+    parser.add_argument("--skew", default="router", help=f"comma list of {SKEWS}; router = its own choice")
+    parser.add_argument(
+        "--cap-factor",
+        type=float,
+        default=2.0,
+        help="dropless all-to-one: also show MoEConfig.max_tokens_per_expert = this x the fair "
+        "share P*T*K/E refusing the forward",
+    )
+    parser.add_argument(
+        "--gemm", choices=("auto", "loop", "grouped_mm"), default="auto", help="the experts' GEMM"
+    )
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory pass")
     parser.add_argument("--json", type=Path, help="write the results here (rank 0)")
     parser.add_argument("--quick", action="store_true", help=f"a smoke run: {QUICK}")
     parser.add_argument(
         "--malloc-default",
         action="store_true",
-        help="leave glibc malloc as it is (by default freed memory is kept for reuse; see keep_freed_memory)",
+        help="leave glibc malloc as it is while timing (by default freed memory is kept for reuse; "
+        "see bench_tools.keep_freed_memory)",
     )
     args = parser.parse_args(argv)
     if args.quick:
         vars(args).update(QUICK)
-    args.capacity = [None if c.strip().lower() == "none" else float(c) for c in args.capacity.split(",")]
+    capacity = args.capacity or ("none,1.0,1.25" if args.compare else "none,1.25")
+    args.capacity = [None if c.strip().lower() == "none" else float(c) for c in capacity.split(",")]
+    impls = args.impls or (",".join(IMPLS) if args.compare else "layer,floor,breakdown")
+    args.impls = [name.strip() for name in impls.split(",")]
+    args.skew = [name.strip() for name in args.skew.split(",")]
+    for name in args.impls:
+        if name not in IMPLS:
+            parser.error(f"--impls: unknown {name!r}, expected some of {IMPLS}")
+    for name in args.skew:
+        if name not in SKEWS:
+            parser.error(f"--skew: unknown {name!r}, expected some of {SKEWS}")
     return args
 
 
@@ -83,49 +153,78 @@ def machine() -> dict:
     return {
         "cpu": models[0] if models else "unknown",
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cores": psutil.cpu_count(logical=True),
         "torch": torch.__version__,
         "world_size": dist.get_world_size(),
         "threads_per_rank": torch.get_num_threads(),
+        "load_average": list(psutil.getloadavg()),
     }
 
 
-def measure(steps: dict, warmup: int, repeats: int) -> tuple[dict[str, list[dict]], int]:
-    """Per step, the `repeats` timed rounds of its slowest-rank seconds, per key of its dict plus "total".
+def gather(values: list[float]) -> list[list[float]]:
+    """[P][len(values)]: every rank's values."""
+    mine = torch.tensor(values, dtype=torch.float64)
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, mine)
+    return [row.tolist() for row in gathered]
 
-    Each step returns this rank's seconds per part; "total" is their sum, and
-    every key is reduced to its slowest rank (all_reduce MAX). The steps run
-    round-robin, so that drift in a shared host's speed reaches them alike; an
-    untimed barrier lines the ranks up before each call. Also returns this
-    rank's peak RSS in bytes, sampled after each call (ru_maxrss: the kernel's high-water mark).
+
+def measure(steps: dict, warmup: int, repeats: int) -> dict[str, list[dict[str, list[float]]]]:
+    """Per step, its `repeats` timed rounds: {key: [seconds per rank]} for each key of its dict plus "total".
+
+    Each step returns this rank's seconds per part; "total" is their sum.
+    The steps run round-robin, so that drift in a shared host's speed reaches
+    them alike; an untimed barrier lines the ranks up before each call.
     """
-    samples, peak_rss = {name: [] for name in steps}, 0
+    samples = {name: [] for name in steps}
     for index in range(warmup + repeats):
         for name, step in steps.items():
             dist.barrier()
             seconds = step()
             seconds["total"] = sum(seconds.values())
-            peak_rss = max(peak_rss, psutil.Process().memory_info().rss)
-            slowest = torch.tensor(list(seconds.values()), dtype=torch.float64)
-            dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-            samples[name].append(dict(zip(seconds, slowest.tolist())))
-        done = ", ".join(f"{name} {samples[name][-1]['total'] * 1e3:.0f} ms" for name in steps)
-        say(f"  round {index + 1}/{warmup + repeats}{' (warmup)' if index < warmup else ''}: {done}")
-    return {name: rows[warmup:] for name, rows in samples.items()}, peak_rss
+            per_rank = gather(list(seconds.values()))
+            samples[name].append({key: [row[i] for row in per_rank] for i, key in enumerate(seconds)})
+        done = ", ".join(f"{name} {max(samples[name][-1]['total']) * 1e3:.0f}" for name in steps)
+        say(f"  round {index + 1}/{warmup + repeats}{' (warmup)' if index < warmup else ''} ms: {done}")
+    return {name: rows[warmup:] for name, rows in samples.items()}
 
 
-def medians_ms(rows: list[dict[str, float]]) -> dict[str, float]:
-    return {key: statistics.median(row[key] for row in rows) * 1e3 for key in rows[0]}
+def medians_ms(rows: list[dict[str, list[float]]]) -> dict[str, float]:
+    """Median over rounds of the slowest rank's seconds, per key, in ms."""
+    return {key: statistics.median(max(row[key]) for row in rows) * 1e3 for key in rows[0]}
+
+
+def rank_medians_ms(rows: list[dict[str, list[float]]], key: str = "total") -> list[float]:
+    """Median over rounds of each rank's own seconds for `key`, in ms."""
+    return [statistics.median(row[key][r] for row in rows) * 1e3 for r in range(len(rows[0][key]))]
+
+
+def memory_pass(steps: dict, keep_after: bool) -> dict[str, list[float]]:
+    """Each step once more, its RSS peak above the RSS before it, per rank, in MiB (see rss_peak)."""
+    return_freed_memory()
+    peaks = {}
+    for name, step in steps.items():
+        gc.collect()
+        trim()
+        dist.barrier()
+        with rss_peak() as rss:
+            step()
+        peaks[name] = [row[0] for row in gather([(rss["peak"] - rss["before"]) / 2**20])]
+    if keep_after:
+        keep_freed_memory()
+    return peaks
 
 
 def layer_step(layer: ep.MoELayer, x_TD: torch.Tensor, upstream_TO: torch.Tensor):
     def step() -> dict[str, float]:
-        layer.zero_grad(set_to_none=True)
-        x_TD.grad = None
         start = time.perf_counter()
         loss = (layer(x_TD) * upstream_TO).sum() + layer.aux_loss
         middle = time.perf_counter()
         loss.backward()
-        return {"fwd": middle - start, "bwd": time.perf_counter() - middle}
+        seconds = {"fwd": middle - start, "bwd": time.perf_counter() - middle}
+        layer.zero_grad(set_to_none=True)
+        x_TD.grad = None
+        return seconds
 
     return step
 
@@ -148,14 +247,15 @@ def floor_step(num_rows: int, config: ep.MoEConfig, generator: torch.Generator):
     upstream_SO = torch.randn(num_rows, o, generator=generator)
 
     def step() -> dict[str, float]:
-        for tensor in (w1_DH, b1_H, w2_HO, b2_O, x_SD):
-            tensor.grad = None
         start = time.perf_counter()
         h_SH = torch.relu(torch.addmm(b1_H, x_SD, w1_DH))
         loss = (torch.addmm(b2_O, h_SH, w2_HO) * upstream_SO).sum()
         middle = time.perf_counter()
         loss.backward()
-        return {"fwd": middle - start, "bwd": time.perf_counter() - middle}
+        seconds = {"fwd": middle - start, "bwd": time.perf_counter() - middle}
+        for tensor in (w1_DH, b1_H, w2_HO, b2_O, x_SD):
+            tensor.grad = None
+        return seconds
 
     return step
 
@@ -163,173 +263,378 @@ def floor_step(num_rows: int, config: ep.MoEConfig, generator: torch.Generator):
 def instrumented_step(layer: ep.MoELayer, x_TD: torch.Tensor, upstream_TO: torch.Tensor):
     """Phase by phase through the calls of MoELayer.forward and _run_on_owners: seconds per "<phase> fwd|bwd".
 
-    Mirrors layer.py, so keep the two in step. Left out, as too small to show:
-    the layer's input checks (one isfinite pass over x) and its stats record.
+    Mirrors layer.py's default path (per-assignment dispatch, no shared
+    experts), so keep the two in step. "exchange fwd|bwd" repeats the two
+    data all-to-alls' seconds (the count exchange left out). Left out, as too
+    small to show: the layer's input checks (one isfinite pass over x) and its stats record.
     """
     config, group, size, e = layer.config, layer.group, layer.group_size, layer.num_local_experts
 
     def step() -> dict[str, float]:
-        layer.zero_grad(set_to_none=True)
-        seconds = {f"{phase} {way}": 0.0 for phase in PHASES for way in ("fwd", "bwd")}
-        tape = []  # (phase, barrier, outputs, their detached leaves), in forward order
-
-        @contextmanager
-        def clock(phase: str, way: str = "fwd", barrier: bool = False):
-            if barrier:
-                dist.barrier(group)
-            start = time.perf_counter()
-            yield
-            seconds[f"{phase} {way}"] += time.perf_counter() - start
-
-        def cut(phase: str, *outputs: torch.Tensor, barrier: bool = False):
-            leaves = tuple(t.detach().requires_grad_() for t in outputs)
-            tape.append((phase, barrier, outputs, leaves))
-            return leaves if len(leaves) > 1 else leaves[0]
-
+        tape = PhaseTape(PHASES, group)
         x = x_TD.detach().requires_grad_()
-        with clock("routing"):
-            routing = route(layer.router(x), config)
+        with tape.clock("routing"):
+            routing = route(layer.router(x), config, layer.forced_expert_ids)
             plan = dispatch.plan_dispatch(routing)
             aux_loss = config.aux_loss_coef * routing.aux_loss + config.z_loss_coef * routing.z_loss
-        weights_TK, aux_loss = cut("routing", routing.weights, aux_loss)
-        with clock("all-to-all", barrier=True):
-            rows_PE, _ = comm.gather_counts(routing.tokens_per_expert, [0, 0], group)
-        with clock("permutation"):
-            rows_from_Pe = [row[layer.first_expert : layer.first_expert + e] for row in rows_PE]
-            send = [sum(plan.rows_per_expert[p * e : (p + 1) * e]) for p in range(size)]
-            recv = [sum(row) for row in rows_from_Pe]
-            rows_per_local_expert = [sum(column) for column in zip(*rows_from_Pe)]
-            by_expert_S = dispatch.source_to_expert_order(rows_from_Pe, x.device) if e > 1 else None
-            by_source_S = dispatch.inverse_permutation(by_expert_S) if e > 1 else None
-            x_RD = cut("permutation", dispatch.permute(x, plan))
-        with clock("all-to-all", barrier=True):
-            x_SD = cut("all-to-all", comm.all_to_all(x_RD, recv, send, group, "dispatch"), barrier=True)
-        if by_expert_S is not None:  # the layer skips the regroup for one local expert
-            with clock("permutation"):
-                x_SD = cut("permutation", dispatch.permute_rows(x_SD, by_expert_S, by_source_S))
-        with clock("experts"):
-            y_SO = cut("experts", layer.experts(x_SD, rows_per_local_expert))
-        if by_expert_S is not None:
-            with clock("permutation"):
-                y_SO = cut("permutation", dispatch.permute_rows(y_SO, by_source_S, by_expert_S))
-        with clock("all-to-all", barrier=True):
-            y_RO = cut("all-to-all", comm.all_to_all(y_SO, send, recv, group, "combine"), barrier=True)
-        with clock("combine"):
-            out_TO = cut("combine", dispatch.combine(y_RO, weights_TK, plan))
-        with clock("loss"):
+        weights_TK, aux_loss = tape.cut("routing", routing.weights, aux_loss)
+        with tape.clock("permutation"):
+            x_RD = tape.cut("permutation", dispatch.permute(x, plan))
+        if group is None:  # one rank: no exchange, the rows are already grouped by expert
+            with tape.clock("experts"):
+                y_RO = tape.cut("experts", layer.experts(x_RD, plan.rows_per_expert))
+        else:
+            with tape.clock("all-to-all", barrier=True):
+                rows_PE, _ = comm.gather_counts(routing.tokens_per_expert, [0, 0], group)
+            with tape.clock("permutation"):
+                rows_from_Pe = [row[layer.first_expert : layer.first_expert + e] for row in rows_PE]
+                send = [sum(plan.rows_per_expert[p * e : (p + 1) * e]) for p in range(size)]
+                recv = [sum(row) for row in rows_from_Pe]
+                rows_per_local_expert = [sum(column) for column in zip(*rows_from_Pe)]
+                by_expert_S = dispatch.source_to_expert_order(rows_from_Pe, x.device) if e > 1 else None
+                by_source_S = dispatch.inverse_permutation(by_expert_S) if e > 1 else None
+            with tape.clock("all-to-all", barrier=True, also="exchange"):
+                x_SD = comm.all_to_all(x_RD, recv, send, group, "dispatch")
+            x_SD = tape.cut("all-to-all", x_SD, barrier=True, also="exchange")
+            if by_expert_S is not None:  # the layer skips the regroup for one local expert
+                with tape.clock("permutation"):
+                    x_SD = tape.cut("permutation", dispatch.permute_rows(x_SD, by_expert_S, by_source_S))
+            with tape.clock("experts"):
+                y_SO = tape.cut("experts", layer.experts(x_SD, rows_per_local_expert))
+            if by_expert_S is not None:
+                with tape.clock("permutation"):
+                    y_SO = tape.cut("permutation", dispatch.permute_rows(y_SO, by_source_S, by_expert_S))
+            with tape.clock("all-to-all", barrier=True, also="exchange"):
+                y_RO = comm.all_to_all(y_SO, send, recv, group, "combine")
+            y_RO = tape.cut("all-to-all", y_RO, barrier=True, also="exchange")
+        with tape.clock("combine"):
+            out_TO = tape.cut("combine", dispatch.combine(y_RO, weights_TK, plan))
+        with tape.clock("loss"):
             loss = (out_TO * upstream_TO).sum() + aux_loss
-        tape.append(("loss", False, (loss,), ()))
-
-        for phase, barrier, outputs, leaves in reversed(tape):
-            grads = [leaf.grad for leaf in leaves] or None
-            with clock(phase, "bwd", barrier):
-                torch.autograd.backward(outputs, grads)
+        seconds = tape.backward(loss)
+        layer.zero_grad(set_to_none=True)
         return seconds
 
     return step
 
 
-def rank_stats(layer: ep.MoELayer, rows_here: int, rss_before: int, peak_rss: int) -> list[dict]:
-    """Every rank's routing outcome and memory, gathered (the stats are of the layer's last forward)."""
-    stats = layer.stats
-    mine = [
-        rows_here,
-        stats.rows_sent_to_other_ranks,
-        stats.num_dropped / max(stats.num_routed, 1),
-        rss_before / 2**20,
-        peak_rss / 2**20,
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10,  # KiB on Linux
-    ]
-    gathered = [torch.empty(len(mine), dtype=torch.float64) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, torch.tensor(mine, dtype=torch.float64))
-    keys = ("rows_computed", "rows_sent_to_other_ranks", "dropped_fraction")
-    keys += ("rss_before_mib", "peak_rss_sampled_mib", "ru_maxrss_mib")
-    return [dict(zip(keys, values.tolist())) for values in gathered]
+def setting_name(factor: float | None) -> str:
+    return "dropless" if factor is None else f"capacity {factor:g}"
 
 
-def bench_setting(args: argparse.Namespace, factor: float | None) -> dict:
-    """Layer, floor and breakdown for one capacity factor (None: dropless)."""
-    name = "dropless" if factor is None else f"capacity {factor:g}"
-    shape = dict(d_model=args.d_model, d_hidden=args.d_hidden, num_experts=args.experts, top_k=args.top_k)
-    config = ep.MoEConfig(**shape, capacity_factor=factor, activation="relu", bias=True)
+def parameter_mib(module: torch.nn.Module) -> float:
+    return sum(p.numel() * p.element_size() for p in module.parameters()) / 2**20
+
+
+def shapes(args: argparse.Namespace) -> list[tuple[int, int, int, int]]:
+    """(T, E, H, K) of every case's shape."""
+    first = args.experts[0]
+    cases = []
+    for tokens in args.tokens:
+        for experts in args.experts:
+            hidden, top_k = args.d_hidden, args.top_k
+            if args.fine_grained:
+                hidden, top_k = args.d_hidden * first // experts, args.top_k * experts // first
+            cases.append((tokens, experts, hidden, top_k))
+    return cases
+
+
+def run_case(args: argparse.Namespace, tokens: int, experts: int, hidden: int, top_k: int, skew: str) -> dict:
+    """Every implementation of --impls on one shape and skew: timings, memory, routing outcome."""
+    rank, size = dist.get_rank(), dist.get_world_size()
+    shape = dict(d_model=args.d_model, d_hidden=hidden, num_experts=experts, top_k=top_k)
+    generator = torch.Generator().manual_seed(1000 + rank)
+    x_TD = torch.randn(tokens, args.d_model, generator=generator).requires_grad_()
+    upstream_TO = torch.randn(tokens, args.d_model, generator=generator)
+    forced_TK = forced_expert_ids(skew, tokens, experts, top_k, generator)
+    steps, settings, notes, params = {}, {}, [], {}
+    for factor in args.capacity:
+        name = setting_name(factor)
+        config = ep.MoEConfig(**shape, capacity_factor=factor, activation="relu", bias=True)
+        torch.manual_seed(0)
+        layer = ep.MoELayer(config, group=dist.group.WORLD)
+        layer.experts.gemm = args.gemm
+        layer.forced_expert_ids = forced_TK
+        layer_step(layer, x_TD, upstream_TO)()  # untimed: S comes from this forward's routing
+        rows_here = rows_computed_here(layer)
+        settings[name] = {"layer": layer, "rows_here": rows_here}
+        params[f"layer {name}"] = parameter_mib(layer)
+        if "layer" in args.impls:
+            steps[f"layer {name}"] = layer_step(layer, x_TD, upstream_TO)
+        if "floor" in args.impls:
+            steps[f"floor {name}"] = floor_step(rows_here, config, generator)
+        if "breakdown" in args.impls:
+            steps[f"breakdown {name}"] = instrumented_step(layer, x_TD, upstream_TO)
+    if "fairscale" in args.impls:
+        why_not = bench_peers.fairscale_missing()
+        need = bench_peers.fairscale_dense_bytes(tokens, experts) * size
+        if why_not is None and skew != "router":
+            why_not = "Top2Gate routes by itself (no forced routing)"
+        if why_not is None and (tokens % experts or tokens % max(experts // size, 1)):
+            why_not = f"Top2Gate needs T ({tokens}) divisible by E ({experts}) and by e"
+        if why_not is None and need > psutil.virtual_memory().available / 2:
+            why_not = (
+                f"its [T, E, C] tensors would take over {need / 2**30:.1f} GiB over {size} ranks, "
+                f"more than half of the {psutil.virtual_memory().available / 2**30:.1f} GiB available"
+            )
+        if why_not is None:
+            torch.manual_seed(1)
+            moe = bench_peers.build_fairscale(experts, args.d_model, hidden, dist.group.WORLD)
+            params["fairscale"] = parameter_mib(moe)
+            steps["fairscale"] = bench_peers.fairscale_step(moe, x_TD, upstream_TO)
+            if "breakdown" in args.impls:
+                steps["breakdown fairscale"] = bench_peers.fairscale_instrumented_step(moe, x_TD, upstream_TO)
+        else:
+            notes.append(f"fairscale skipped: {why_not}")
+    if "loop" in args.impls:
+        if skew == "router":
+            torch.manual_seed(2)
+            simple = bench_peers.SimpleMoE(experts, args.d_model, hidden, top_k)
+            params["loop"] = parameter_mib(simple)
+            steps["loop"] = bench_peers.simple_moe_step(simple, x_TD, upstream_TO)
+        else:
+            notes.append("loop skipped: SimpleMoE routes by itself (no forced routing)")
+    refusal = None
+    if skew == "one" and None in args.capacity:
+        refusal = refuse_all_to_one(args, shape, x_TD, forced_TK)
+    for note in notes:
+        say(f"  note: {note}")
+
+    samples = measure(steps, args.warmup, args.steps)
+    memory = (
+        {}
+        if args.no_memory
+        else memory_pass(
+            {name: step for name, step in steps.items() if not name.startswith("breakdown")},
+            keep_after=not args.malloc_default,
+        )
+    )
+    results = {}
+    for name, rows in samples.items():
+        results[name] = {
+            "ms": medians_ms(rows),
+            "rank_ms": rank_medians_ms(rows),
+            "per_round_ms": [max(row["total"]) * 1e3 for row in rows],
+            "step_peak_mib": memory.get(name),
+            "params_mib": params.get(name),
+        }
+    layers = {}
+    for name, setting in settings.items():
+        layers[name] = setting_outcome(args, name, setting, results, tokens, top_k)
+    return {
+        "case": {"tokens": tokens, "experts": experts, "d_hidden": hidden, "top_k": top_k, "skew": skew},
+        "ranks": size,
+        "notes": notes,
+        "impls": results,
+        "layers": layers,
+        "refusal": refusal,
+        "ru_maxrss_mib": [row[0] for row in gather([rusage_maxrss_mib()])],
+    }
+
+
+def rusage_maxrss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB on Linux
+
+
+def setting_outcome(args, name: str, setting: dict, results: dict, tokens: int, top_k: int) -> dict:
+    """One layer setting's routing outcome per rank, its ratios and all-to-all efficiency."""
+    layer, stats = setting["layer"], setting["layer"].stats
+    kept = stats.num_routed - stats.num_dropped
+    per_rank = gather([setting["rows_here"], stats.rows_sent_to_other_ranks, kept, stats.num_routed])
+    rows_computed = [row[0] for row in per_rank]
+    outcome = {
+        "rows_computed": rows_computed,
+        "rows_sent_to_other_ranks": [row[1] for row in per_rank],
+        "dropped_fraction": 1 - sum(row[2] for row in per_rank) / max(sum(row[3] for row in per_rank), 1),
+        "capacity": stats.capacity,
+    }
+    lay, flo = results.get(f"layer {name}"), results.get(f"floor {name}")
+    if lay and flo:
+        outcome["layer / floor"] = lay["ms"]["total"] / flo["ms"]["total"]
+        paired = [a / b for a, b in zip(lay["per_round_ms"], flo["per_round_ms"])]
+        outcome["layer / floor per round"] = paired
+        outcome["layer / floor paired median"] = statistics.median(paired)
+    if lay and "fairscale" in results:
+        outcome["layer / fairscale"] = lay["ms"]["total"] / results["fairscale"]["ms"]["total"]
+    if lay and "loop" in results:
+        outcome["layer / loop"] = lay["ms"]["total"] / results["loop"]["ms"]["total"]
+    breakdown = results.get(f"breakdown {name}")
+    if breakdown:
+        # Each rank's own work: its sum of phases, waits for peers excluded.
+        work = breakdown["rank_ms"]
+        outcome["rank_work_ms"] = work
+        outcome["slowest / mean rank"] = max(work) / statistics.mean(work) if statistics.mean(work) else 1.0
+    if breakdown and layer.group is not None:
+        # Bytes each rank sends to other ranks per step: dispatch rows x D and the rows it
+        # computed for other ranks x O coming back, forward and again backward.
+        elem = 4
+        sent_back = [
+            s - (k - r)
+            for s, r, k in zip(
+                rows_computed, outcome["rows_sent_to_other_ranks"], [row[2] for row in per_rank]
+            )
+        ]
+        bytes_per_rank = [
+            2 * elem * (r * args.d_model + b * layer.config.d_out)
+            for r, b in zip(outcome["rows_sent_to_other_ranks"], sent_back)
+        ]
+        mean_bytes = statistics.mean(bytes_per_rank)
+        seconds = (breakdown["ms"].get("exchange fwd", 0) + breakdown["ms"].get("exchange bwd", 0)) / 1e3
+        plain = plain_all_to_all_seconds(int(mean_bytes / 4), layer.group)  # one of the 4 exchanges
+        outcome["exchange"] = {
+            "bytes_per_rank_per_step": bytes_per_rank,
+            "layer_seconds": seconds,
+            "layer_gb_per_s": mean_bytes / seconds / 1e9 if seconds else math.nan,
+            "plain_gb_per_s": mean_bytes / 4 / plain / 1e9 if plain else math.nan,
+        }
+        exchange = outcome["exchange"]
+        exchange["efficiency"] = exchange["layer_gb_per_s"] / exchange["plain_gb_per_s"]
+    return outcome
+
+
+def refuse_all_to_one(args, shape: dict, x_TD: torch.Tensor, forced_TK: torch.Tensor) -> dict:
+    """Dropless all-to-one under MoEConfig.max_tokens_per_expert: the forward must refuse, on every rank."""
+    size, tokens = dist.get_world_size(), x_TD.shape[0]
+    fair = size * tokens * shape["top_k"] / shape["num_experts"]
+    cap = math.ceil(args.cap_factor * fair)
+    config = ep.MoEConfig(**shape, capacity_factor=None, max_tokens_per_expert=cap)
     torch.manual_seed(0)
     layer = ep.MoELayer(config, group=dist.group.WORLD)
-    generator = torch.Generator().manual_seed(1000 + dist.get_rank())
-    x_TD = torch.randn(args.tokens, config.d_model, generator=generator).requires_grad_()
-    upstream_TO = torch.randn(args.tokens, config.d_out, generator=generator)
-    rss_before = psutil.Process().memory_info().rss
-
-    layer_step(layer, x_TD, upstream_TO)()  # untimed: S comes from this forward's routing
-    rows_here = rows_computed_here(layer)
-    say(f"[{name}] layer, floor over S = {rows_here} rows (rank 0), instrumented layer; round-robin:")
-    steps = {
-        "layer": layer_step(layer, x_TD, upstream_TO),
-        "floor": floor_step(rows_here, config, generator),
-        "breakdown": instrumented_step(layer, x_TD, upstream_TO),
-    }
-    samples, peak_rss = measure(steps, args.warmup, args.steps)
-    layer_ms, floor_ms = medians_ms(samples["layer"]), medians_ms(samples["floor"])
-    paired = [lay["total"] / flo["total"] for lay, flo in zip(samples["layer"], samples["floor"])]
-    return {
-        "setting": name,
-        "layer_ms": layer_ms,
-        "floor_ms": floor_ms,
-        "ratio": layer_ms["total"] / floor_ms["total"],
-        "ratio_per_round": paired,
-        "ratio_paired_median": statistics.median(paired),
-        "phases_ms": medians_ms(samples["breakdown"]),
-        "ranks": rank_stats(layer, rows_here, rss_before, peak_rss),
-    }
-
-
-def print_result(result: dict) -> None:
-    layer_ms, floor_ms, phases = result["layer_ms"], result["floor_ms"], result["phases_ms"]
-    verdict = "meets" if result["ratio"] <= 1.10 else "MISSES"
-    say(f"\n== {result['setting']} ==   (ms: slowest rank per step, median over steps)")
-    say(f"{'':<14} {'fwd':>9} {'bwd':>9} {'total':>9} {'% layer':>8}")
-    for name, row in (("layer", layer_ms), ("floor", floor_ms)):
-        say(f"{name:<14} {row['fwd']:9.1f} {row['bwd']:9.1f} {row['total']:9.1f}")
+    layer.forced_expert_ids = forced_TK
+    try:
+        with torch.no_grad():
+            layer(x_TD)
+        message = None
+    except ValueError as err:
+        message = str(err)
     say(
-        f"ratio layer / floor {result['ratio']:.3f} ({verdict} the <= 1.10 target); "
-        f"median of the per-round ratios {result['ratio_paired_median']:.3f}; "
-        f"per round {' '.join(f'{r:.2f}' for r in result['ratio_per_round'])}"
+        f"  dropless all-to-one with max_tokens_per_expert={cap} ({args.cap_factor:g} x the fair share): "
+        + (f"refused: {message}" if message else "NOT refused")
     )
-    say("breakdown (instrumented pass):")
+    return {"max_tokens_per_expert": cap, "error": message}
+
+
+def print_case(args: argparse.Namespace, case: dict) -> None:
+    c, impls = case["case"], case["impls"]
+    say(
+        f"\n##### T {c['tokens']} tokens/rank, E {c['experts']}, H {c['d_hidden']}, top-{c['top_k']}, "
+        f"skew {c['skew']}, {case['ranks']} rank(s) #####"
+    )
+    for note in case["notes"]:
+        say(f"note: {note}")
+    for name, outcome in case["layers"].items():
+        print_setting(name, outcome, impls)
+    say(
+        f"\nside by side (ms: slowest rank per step, median of {args.steps} rounds; "
+        "memory per rank, max over ranks):"
+    )
+    say(
+        f"{'':<22} {'fwd':>8} {'bwd':>8} {'total':>8} {'x dropless':>10} "
+        f"{'params MiB':>10} {'step peak MiB':>13} {'sum MiB':>8}"
+    )
+    base = impls.get("layer dropless")
+    for name, result in impls.items():
+        if name.startswith("breakdown"):
+            continue
+        ms, peak, par = result["ms"], result["step_peak_mib"], result["params_mib"]
+        relative = f"{ms['total'] / base['ms']['total']:10.3f}" if base else f"{'':>10}"
+        peak_text = f"{max(peak):13.0f}" if peak else f"{'':>13}"
+        par_text = f"{par:10.1f}" if par is not None else f"{'':>10}"
+        both = f"{max(peak) + par:8.0f}" if peak and par is not None else f"{'':>8}"
+        say(
+            f"{name:<22} {ms['fwd']:8.1f} {ms['bwd']:8.1f} {ms['total']:8.1f} "
+            f"{relative} {par_text} {peak_text} {both}"
+        )
+    for name, outcome in case["layers"].items():
+        for key, goal in GOALS.items():
+            if key in outcome:
+                verdict = "meets" if outcome[key] <= goal else "MISSES"
+                say(f"{key} ({name}): {outcome[key]:.3f} ({verdict} the <= {goal} goal)")
+        if "layer / loop" in outcome:
+            say(f"layer / loop ({name}): {outcome['layer / loop']:.3f}")
+    if "fairscale" in impls and impls["fairscale"]["step_peak_mib"]:
+        fair = impls["fairscale"]
+        fair_mib = max(fair["step_peak_mib"]) + fair["params_mib"]
+        for name in case["layers"]:
+            lay = impls.get(f"layer {name}")
+            if lay and lay["step_peak_mib"]:
+                mine = max(lay["step_peak_mib"]) + lay["params_mib"]
+                verdict = "below" if mine < fair_mib else "NOT below"
+                say(f"memory ({name}): {mine:.0f} MiB vs fairscale {fair_mib:.0f} MiB per rank ({verdict})")
+    if "breakdown fairscale" in impls:
+        say("fairscale breakdown (instrumented pass):")
+        print_phases(impls["breakdown fairscale"]["ms"], impls["fairscale"]["ms"]["total"])
+    if case["refusal"]:
+        say(
+            f"dropless all-to-one, max_tokens_per_expert={case['refusal']['max_tokens_per_expert']}: "
+            f"{'refused' if case['refusal']['error'] else 'NOT refused'}"
+        )
+    say(
+        "ru_maxrss per rank (whole process so far): "
+        f"{' '.join(f'{v:.0f}' for v in case['ru_maxrss_mib'])} MiB"
+    )
+
+
+def print_phases(phases: dict[str, float], total_ms: float) -> None:
     for phase in PHASES:
         fwd, bwd = phases[f"{phase} fwd"], phases[f"{phase} bwd"]
-        share = 100 * (fwd + bwd) / layer_ms["total"]
-        say(f"  {phase:<12} {fwd:9.1f} {bwd:9.1f} {fwd + bwd:9.1f} {share:7.1f}%")
-    total = sum(fwd_or_bwd for key, fwd_or_bwd in phases.items() if key != "total")
-    share = 100 * total / layer_ms["total"]
-    say(f"  {'sum':<12} {'':9} {'':9} {total:9.1f} {share:7.1f}%   (layer measured {layer_ms['total']:.1f})")
-    for rank, stats in enumerate(result["ranks"]):
+        say(f"  {phase:<12} {fwd:9.1f} {bwd:9.1f} {fwd + bwd:9.1f} {100 * (fwd + bwd) / total_ms:7.1f}%")
+    total = sum(phases[f"{phase} {way}"] for phase in PHASES for way in ("fwd", "bwd"))
+    say(
+        f"  {'sum':<12} {'':9} {'':9} {total:9.1f} {100 * total / total_ms:7.1f}%   (measured {total_ms:.1f})"
+    )
+
+
+def print_setting(name: str, outcome: dict, impls: dict) -> None:
+    layer, floor, breakdown = (
+        impls.get(f"layer {name}"),
+        impls.get(f"floor {name}"),
+        impls.get(f"breakdown {name}"),
+    )
+    say(f"\n== {name} ==   (ms: slowest rank per step, median over steps)")
+    say(f"{'':<14} {'fwd':>9} {'bwd':>9} {'total':>9} {'% layer':>8}")
+    for label, result in (("layer", layer), ("floor", floor)):
+        if result:
+            row = result["ms"]
+            say(f"{label:<14} {row['fwd']:9.1f} {row['bwd']:9.1f} {row['total']:9.1f}")
+    if "layer / floor" in outcome:
+        ratio = outcome["layer / floor"]
+        verdict = "meets" if ratio <= GOALS["layer / floor"] else "MISSES"
         say(
-            f"rank {rank}: S {stats['rows_computed']:.0f} rows computed, "
-            f"{stats['rows_sent_to_other_ranks']:.0f} sent to other ranks per step, "
-            f"dropped {stats['dropped_fraction']:.2%}; RSS {stats['rss_before_mib']:.0f} MiB before, "
-            f"peak {stats['peak_rss_sampled_mib']:.0f} MiB sampled after steps, "
-            f"{stats['ru_maxrss_mib']:.0f} MiB ru_maxrss"
+            f"ratio layer / floor {ratio:.3f} ({verdict} the <= {GOALS['layer / floor']} goal); "
+            f"median of the per-round ratios {outcome['layer / floor paired median']:.3f}; "
+            f"per round {' '.join(f'{r:.2f}' for r in outcome['layer / floor per round'])}"
         )
-
-
-def keep_freed_memory() -> str:
-    """Ask glibc malloc to keep freed memory for reuse instead of returning it to the OS.
-
-    NOTE: by default glibc serves blocks over 128 KiB-32 MiB with mmap and
-    trims the heap after frees, so every step maps fresh pages and pays a
-    page fault per 4 KiB on first touch (about 65-100K faults, 200-500 ms of
-    system time per step here). That cost lands in whichever op first touches
-    the memory, at random, and is the allocator's, not the layer's. Turned
-    off, both the layer and the floor run on warm memory.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return "allocator unchanged (no glibc)"
-    m_trim_threshold, m_mmap_max = -1, -4
-    if libc.mallopt(m_mmap_max, 0) and libc.mallopt(m_trim_threshold, 2**30):
-        return "glibc malloc keeps freed memory (M_MMAP_MAX 0, M_TRIM_THRESHOLD 1 GiB)"
-    return "allocator unchanged (mallopt refused)"
+    if breakdown and layer:
+        say("breakdown (instrumented pass):")
+        print_phases(breakdown["ms"], layer["ms"]["total"])
+    for rank, rows in enumerate(outcome["rows_computed"]):
+        work = outcome.get("rank_work_ms")
+        say(
+            f"rank {rank}: S {rows:.0f} rows computed, {outcome['rows_sent_to_other_ranks'][rank]:.0f} "
+            f"sent to other ranks per step"
+            + (f", own work {work[rank]:.1f} ms" if work else "")
+            + (
+                f", step peak {layer['step_peak_mib'][rank]:.0f} MiB"
+                if layer and layer["step_peak_mib"]
+                else ""
+            )
+        )
+    say(
+        f"dropped {outcome['dropped_fraction']:.2%} of assignments (all ranks)"
+        + (
+            f"; slowest / mean rank work {outcome['slowest / mean rank']:.2f}"
+            if "slowest / mean rank" in outcome
+            else ""
+        )
+    )
+    if "exchange" in outcome:
+        ex = outcome["exchange"]
+        say(
+            f"all-to-all: {statistics.mean(ex['bytes_per_rank_per_step']) / 2**20:.1f} MiB per rank per step "
+            f"to other ranks in {ex['layer_seconds'] * 1e3:.1f} ms = {ex['layer_gb_per_s']:.2f} GB/s; "
+            f"plain all_to_all_single {ex['plain_gb_per_s']:.2f} GB/s; efficiency {ex['efficiency']:.2f}"
+        )
 
 
 def main(argv: list[str]) -> int:
@@ -341,23 +646,42 @@ def main(argv: list[str]) -> int:
         start = time.perf_counter()
         info = machine()
         say(
-            f"CPU {info['cpu']} ({info['cpu_capability']}), torch {info['torch']}, "
-            f"{info['world_size']} gloo ranks x {info['threads_per_rank']} thread(s)"
+            f"CPU {info['cpu']} ({info['cpu_capability']}, {info['cores']} logical cores), "
+            f"torch {info['torch']}, "
+            f"{info['world_size']} gloo rank(s) x {info['threads_per_rank']} thread(s), "
+            f"load average {' '.join(f'{v:.2f}' for v in info['load_average'])}"
         )
         say(
-            f"T {args.tokens} tokens/rank, D {args.d_model}, H {args.d_hidden}, E {args.experts}, "
-            f"top-{args.top_k}, fp32 relu with biases; {args.warmup} warmup + {args.steps} timed steps"
+            f"D {args.d_model}, fp32 relu experts with biases, gemm {args.gemm}; "
+            f"impls {','.join(args.impls)}; "
+            f"capacity {','.join(setting_name(f) for f in args.capacity)}; "
+            f"{args.warmup} warmup + {args.steps} timed rounds"
         )
         say(f"allocator: {allocator}")
         info["allocator"] = allocator
-        results = [bench_setting(args, factor) for factor in args.capacity]
-        for result in results:
-            print_result(result)
-        say(f"\nbenchmark took {time.perf_counter() - start:.1f} s")
+        cases = []
+        for tokens, experts, hidden, top_k in shapes(args):
+            for skew in args.skew:
+                say(f"\n[T {tokens}, E {experts}, H {hidden}, top-{top_k}, skew {skew}]")
+                case = run_case(args, tokens, experts, hidden, top_k, skew)
+                cases.append(case)
+                gc.collect()
+        for case in cases:
+            print_case(args, case)
+        info["load_average_end"] = list(psutil.getloadavg())
+        say(
+            f"\nbenchmark took {time.perf_counter() - start:.1f} s; load average at the end "
+            f"{' '.join(f'{v:.2f}' for v in info['load_average_end'])}"
+        )
         if args.json and dist.get_rank() == 0:
             args.json.parent.mkdir(parents=True, exist_ok=True)
-            report = {"machine": info, "args": {**vars(args), "json": str(args.json)}, "results": results}
-            args.json.write_text(json.dumps(report, indent=2) + "\n")
+            report = {
+                "machine": info,
+                "argv": argv,
+                "args": {**vars(args), "json": str(args.json)},
+                "cases": cases,
+            }
+            args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
         return 0
     except BaseException:
         ep.shutdown(barrier=False)  # a rank failing alone must not wait for peers that wait for it

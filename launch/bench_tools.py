@@ -1,0 +1,185 @@
+"""Measuring helpers for launch.bench: phase clocks, memory sampling, the allocator, forced routing.
+
+Legend: T tokens on this rank, E experts, K top-k.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import statistics
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import psutil
+import torch
+import torch.distributed as dist
+
+SKEWS = ("router", "uniform", "zipf", "one")
+
+
+class PhaseTape:
+    """Times a forward phase by phase, then its backward phase by phase in reverse order.
+
+    Each phase runs on detached copies of its inputs (`cut`), so that its
+    backward can be run and timed on its own, handing each gradient on by
+    hand. A barrier (untimed) precedes each all-to-all phase, so that waiting
+    for a slower peer is charged to no phase: a rank's sum of phases is its
+    own work. `also` adds a phase's seconds to a second key as well.
+    """
+
+    def __init__(self, phases: tuple[str, ...], group=None):
+        self.seconds = {f"{phase} {way}": 0.0 for phase in phases for way in ("fwd", "bwd")}
+        self.group = group
+        self._tape = []  # (phase, barrier, also, outputs, their detached leaves), in forward order
+
+    @contextmanager
+    def clock(self, phase: str, way: str = "fwd", barrier: bool = False, also: str | None = None):
+        if barrier:
+            dist.barrier(self.group)
+        start = time.perf_counter()
+        yield
+        seconds = time.perf_counter() - start
+        self.seconds[f"{phase} {way}"] += seconds
+        if also is not None:
+            self.seconds[f"{also} {way}"] = self.seconds.get(f"{also} {way}", 0.0) + seconds
+
+    def cut(self, phase: str, *outputs: torch.Tensor, barrier: bool = False, also: str | None = None):
+        leaves = tuple(t.detach().requires_grad_(t.requires_grad) for t in outputs)
+        self._tape.append((phase, barrier, also, outputs, leaves))
+        return leaves if len(leaves) > 1 else leaves[0]
+
+    def backward(self, loss: torch.Tensor) -> dict[str, float]:
+        """Run the backward of every phase, last first; returns seconds per "<phase> fwd|bwd"."""
+        self._tape.append(("loss", False, None, (loss,), ()))
+        for phase, barrier, also, outputs, leaves in reversed(self._tape):
+            if not leaves:
+                pairs = [(output, None) for output in outputs]
+            else:
+                pairs = [(o, leaf.grad) for o, leaf in zip(outputs, leaves) if leaf.grad is not None]
+            with self.clock(phase, "bwd", barrier, also):
+                if pairs:
+                    torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs] if leaves else None)
+        self._tape.clear()
+        return self.seconds
+
+
+@contextmanager
+def rss_peak(interval_s: float = 0.0005) -> Iterator[dict]:
+    """Samples this process's RSS on a thread while the block runs: yields {"before", "peak"} bytes.
+
+    Meaningful only while freed memory leaves the process (return_freed_memory):
+    otherwise a block reuses what an earlier one left and shows no growth.
+    """
+    process, done, result = psutil.Process(), threading.Event(), {}
+    result["before"] = result["peak"] = process.memory_info().rss
+
+    def sample() -> None:
+        while not done.is_set():
+            result["peak"] = max(result["peak"], process.memory_info().rss)
+            time.sleep(interval_s)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield result
+    finally:
+        done.set()
+        thread.join()
+        result["peak"] = max(result["peak"], process.memory_info().rss)
+
+
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+# mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
+
+
+def keep_freed_memory() -> str:
+    """Ask glibc malloc to keep freed memory for reuse instead of returning it to the OS.
+
+    NOTE: by default glibc serves blocks over 128 KiB-32 MiB with mmap and
+    trims the heap after frees, so every step maps fresh pages and pays a
+    page fault per 4 KiB on first touch (about 65-100K faults, 200-500 ms of
+    system time per step here). That cost lands in whichever op first touches
+    the memory, at random, and is the allocator's, not the layer's. Turned
+    off, every implementation runs on warm memory.
+    """
+    libc = _libc()
+    if libc is None:
+        return "allocator unchanged (no glibc)"
+    if libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, 2**30):
+        return "glibc malloc keeps freed memory (M_MMAP_MAX 0, M_TRIM_THRESHOLD 1 GiB)"
+    return "allocator unchanged (mallopt refused)"
+
+
+def return_freed_memory() -> bool:
+    """The opposite, for measuring memory: every block over 128 KiB is mmapped and unmapped when freed.
+
+    NOTE: a fixed M_MMAP_THRESHOLD also stops glibc from raising it after a
+    free (its default, dynamic, would serve later big blocks from the heap,
+    which is not returned). Then RSS follows the live tensors, and its peak
+    during a step, above its level before, is that step's peak memory.
+    malloc_trim(0) hands back what the kept heap holds now.
+    """
+    libc = _libc()
+    if libc is None:
+        return False
+    ok = libc.mallopt(_M_MMAP_MAX, 65536) and libc.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
+    ok = ok and libc.mallopt(_M_TRIM_THRESHOLD, 128 * 1024)
+    libc.malloc_trim(0)
+    return bool(ok)
+
+
+def trim() -> None:
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def forced_expert_ids(skew: str, tokens: int, num_experts: int, top_k: int, generator) -> torch.Tensor | None:
+    """[T, K] distinct expert ids per token for a skewed load, or None for the router's own choice.
+
+    uniform: K distinct experts uniformly at random.
+    zipf: K distinct experts drawn without replacement with P(expert i) ∝ 1 / (i + 1) (Zipf, s = 1).
+    one: every token's first choice is expert 0, its others experts 1 .. K-1
+        (with E / P ≥ K local experts, all on rank 0): all-to-one.
+    """
+    if skew == "router":
+        return None
+    if skew == "one":
+        return torch.arange(top_k).expand(tokens, top_k).clone()
+    if skew == "uniform":
+        weights_E = torch.ones(num_experts)
+    elif skew == "zipf":
+        weights_E = 1.0 / torch.arange(1, num_experts + 1, dtype=torch.float64)
+    else:
+        raise ValueError(f"skew {skew!r}: expected one of {SKEWS}")
+    if tokens == 0:
+        return torch.empty(0, top_k, dtype=torch.long)
+    return torch.multinomial(weights_E.expand(tokens, num_experts), top_k, generator=generator)
+
+
+def plain_all_to_all_seconds(bytes_per_rank: int, group=None, repeats: int = 5) -> float:
+    """Median seconds of one all_to_all_single of fp32 in which each rank sends `bytes_per_rank`
+    to the other ranks, in equal parts, and nothing to itself (the slowest rank's, after a barrier)."""
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    per_peer = math.ceil(bytes_per_rank / 4 / max(size - 1, 1))
+    splits = [0 if peer == rank else per_peer for peer in range(size)]
+    send, recv = torch.ones(sum(splits)), torch.empty(sum(splits))
+    times = []
+    for _ in range(repeats + 1):
+        dist.barrier(group)
+        start = time.perf_counter()
+        dist.all_to_all_single(recv, send, splits, splits, group=group)
+        seconds = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
+        dist.all_reduce(seconds, op=dist.ReduceOp.MAX, group=group)
+        times.append(float(seconds))
+    return statistics.median(times[1:])

@@ -1,0 +1,120 @@
+"""The benchmark's helpers and its side-by-side, skew and report modes (smoke runs; no timed assertions)."""
+
+import importlib.util
+import subprocess
+import sys
+
+import torch
+from multirank import REPO
+
+import expert_parallel as ep
+from launch import bench_report
+from launch.bench_peers import SimpleMoE
+from launch.bench_tools import PhaseTape, forced_expert_ids
+
+
+def test_forced_expert_ids_give_distinct_experts_in_the_asked_shape():
+    generator = torch.Generator().manual_seed(0)
+    assert forced_expert_ids("router", 5, 8, 2, generator) is None
+    assert forced_expert_ids("one", 3, 8, 2, generator).tolist() == [[0, 1]] * 3
+    for skew in ("uniform", "zipf"):
+        ids = forced_expert_ids(skew, 4000, 8, 2, generator)
+        assert ids.shape == (4000, 2) and ids.dtype == torch.long
+        assert (ids[:, 0] != ids[:, 1]).all() and ids.min() >= 0 and ids.max() < 8
+    counts = torch.bincount(forced_expert_ids("zipf", 4000, 8, 1, generator)[:, 0], minlength=8)
+    # Zipf(1) over 8 experts: P(0) = 1 / H_8 = 0.37, P(7) = 0.046.
+    assert counts[0] > 0.3 * 4000 and counts[7] < 0.07 * 4000
+    assert forced_expert_ids("uniform", 0, 8, 2, generator).shape == (0, 2)
+
+
+def test_phase_tape_backward_equals_one_autograd_backward():
+    torch.manual_seed(0)
+    w1, w2 = torch.randn(4, 6, requires_grad=True), torch.randn(6, 3, requires_grad=True)
+    x = torch.randn(5, 4, requires_grad=True)
+    ((x @ w1).relu() @ w2).square().sum().backward()
+    want = [t.grad.clone() for t in (x, w1, w2)]
+    for t in (x, w1, w2):
+        t.grad = None
+    tape = PhaseTape(("first", "second", "loss"))
+    with tape.clock("first"):
+        h = tape.cut("first", (x @ w1).relu())
+    with tape.clock("second"):
+        y = tape.cut("second", h @ w2)
+    seconds = tape.backward(y.square().sum())
+    for got, expected in zip((x.grad, w1.grad, w2.grad), want):
+        torch.testing.assert_close(got, expected)
+    assert set(seconds) == {f"{p} {w}" for p in ("first", "second", "loss") for w in ("fwd", "bwd")}
+
+
+@torch.no_grad()
+def test_the_benchmarks_simple_moe_is_the_seed_design_that_the_layer_reproduces():
+    torch.manual_seed(0)
+    simple = SimpleMoE(num_experts=4, d_model=8, d_hidden=16, top_k=2)
+    layer = ep.MoELayer(ep.MoEConfig(d_model=8, d_hidden=16, num_experts=4, top_k=2))
+    layer.router.weight.copy_(simple.gate.weight)
+    layer.router.bias.copy_(simple.gate.bias)
+    for g, (first, _, second) in enumerate(simple.experts):
+        layer.experts.w1[g].copy_(first.weight.t())
+        layer.experts.b1[g].copy_(first.bias)
+        layer.experts.w2[g].copy_(second.weight.t())
+        layer.experts.b2[g].copy_(second.bias)
+    x = torch.randn(32, 8)
+    torch.testing.assert_close(layer(x), simple(x), rtol=1e-5, atol=1e-6)
+
+
+def test_side_by_side_and_skew_smoke_run_then_the_report(tmp_path):
+    out = tmp_path / "bench.json"
+    args = ["--quick", "--compare", "--skew", "router,one", "--json", str(out)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    run = subprocess.run(
+        [*cmd, "-m", "launch.bench", *args], cwd=REPO, capture_output=True, text=True, timeout=180
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    text = run.stdout
+    assert text.count("ratio layer / floor") == 6  # 3 capacity settings x 2 skews
+    if importlib.util.find_spec("fairscale") is not None:
+        assert "layer / fairscale (dropless)" in text and "fairscale breakdown" in text
+    else:
+        assert "fairscale skipped: fairscale not importable" in text
+    assert "layer / loop (dropless)" in text
+    assert "loop skipped: SimpleMoE routes by itself" in text  # the forced all-to-one case
+    assert "max_tokens_per_expert=" in text and "refused: " in text and "NOT refused" not in text
+    assert "efficiency" in text and "step peak" in text
+    plots = tmp_path / "plots"
+    report = subprocess.run(
+        [sys.executable, "-m", "launch.bench_report", str(out), "--plots", str(plots)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert "| skew | setting |" in report.stdout and "| one | dropless |" in report.stdout
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (plots / "bench_skew.png").stat().st_size > 0
+
+
+def test_report_tables_from_a_sweep_and_weak_scaling():
+    def case(tokens: int, ranks: int, ms: float) -> dict:
+        timing = {
+            "ms": {"fwd": ms / 2, "bwd": ms / 2, "total": ms},
+            "step_peak_mib": [1.0],
+            "params_mib": 1.0,
+        }
+        return {
+            "case": {"tokens": tokens, "experts": 8, "d_hidden": 64, "top_k": 2, "skew": "router"},
+            "ranks": ranks,
+            "impls": {"layer dropless": timing, "floor dropless": timing},
+            "layers": {
+                "dropless": {"rows_computed": [1.0] * ranks, "dropped_fraction": 0.0, "layer / floor": 1.0}
+            },
+        }
+
+    one = {"cases": [case(1024, 1, 10.0), case(4096, 1, 40.0)]}
+    two = {"cases": [case(1024, 2, 12.5), case(4096, 2, 44.0)]}
+    assert "| T 1024, E 8, H 64, top-2 | dropless | 10 | 10 | 1.00 |" in "\n".join(
+        bench_report.sweep_table(one["cases"])
+    )
+    weak = "\n".join(bench_report.weak_scaling([one, two]))
+    assert "| T 1024, E 8, H 64, top-2 | 2 | 12 | 0.80 |" in weak
+    assert "| T 4096, E 8, H 64, top-2 | 2 | 44 | 0.91 |" in weak
