@@ -8,6 +8,13 @@ reads different micro-batches of the same global batch. Each step covers
 train.global_batch sequences in micro-batches of train.micro_batch; routing,
 and so capacity, is per micro-batch. Writes <out_dir>/metrics.jsonl (a line
 per step), <out_dir>/summary.json and checkpoints under <out_dir>/checkpoints.
+
+Redundant experts: parallel.redundant_experts=R places E + R physical experts
+per MoE layer over the ep ranks (placement.balance); parallel.replan_every=N
+re-plans every N steps from a moving average of the measured per-expert load
+(decay LOAD_EMA_DECAY), moving weights and AdamW state. A run resumes with or
+without replicas (checkpoints are keyed by logical expert); it starts from
+the placement for a uniform load and re-plans after N steps.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from expert_parallel import checkpoint, data
 from expert_parallel.config import from_section, load_toml
 from expert_parallel.model import ModelConfig, Transformer
 from expert_parallel.parallel import Layout, expert_parameters, make_layout, shard_experts, sum_gradients
+from expert_parallel.placement import balance, contiguous
 from launch import plot_load
 
 
@@ -65,11 +73,18 @@ class ParallelConfig:
     ep: int = 1  # expert-parallel size; dp = world / ep
     timeout_s: float = 300.0  # a collective waiting longer than this fails the run
     backend: str | None = None  # None: NCCL where CUDA is available, else gloo
+    redundant_experts: int = 0  # R extra physical experts per MoE layer (replicas of the busiest)
+    replan_every: int = 0  # re-place the experts every N steps from the measured load; 0: never
 
     def __post_init__(self) -> None:
         if self.ep < 1 or self.timeout_s <= 0:
             raise ValueError(
                 f"parallel.ep must be >= 1 and parallel.timeout_s > 0, got {self.ep}, {self.timeout_s}"
+            )
+        if self.redundant_experts < 0 or self.replan_every < 0:
+            raise ValueError(
+                f"parallel.redundant_experts and parallel.replan_every must be >= 0, "
+                f"got {self.redundant_experts}, {self.replan_every}"
             )
         if self.backend not in (None, "gloo", "nccl"):
             raise ValueError(f"parallel.backend must be gloo, nccl or absent, got {self.backend!r}")
@@ -108,12 +123,30 @@ def lr_at(step: int, config: TrainConfig) -> float:
     return config.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+LOAD_EMA_DECAY = 0.9  # weight of the past in the moving average of expert load that re-plans use
+
+
 def global_grad_norm(model: Transformer, layout: Layout) -> torch.Tensor:
-    """L2 norm of the whole model's gradient: dense parts are identical on every rank, experts are sharded."""
+    """L2 norm of the whole model's gradient: dense parts are identical on every rank, experts are sharded.
+
+    A logical expert with n replicas (identical gradients after sync) counts once: each replica 1 / n.
+    """
     experts = expert_parameters(model) if layout.ep > 1 else set()
+    replica_weight = {}
+    for _, layer in model.moe_layers():
+        if layer.placement is not None:
+            weight_s = 1.0 / layer.placement.replica_count[layer.local_expert_ids].double()
+            replica_weight.update({id(p): weight_s for p in layer.experts.parameters()})
+
+    def squared(p: torch.Tensor) -> torch.Tensor:
+        sq = p.grad.double().square()
+        if id(p) not in replica_weight:
+            return sq.sum()
+        return (sq.flatten(1).sum(1) * replica_weight[id(p)].to(sq.device)).sum()
+
     zero = torch.zeros((), dtype=torch.float64, device=next(model.parameters()).device)
-    dense_sq = sum((p.grad.double().square().sum() for p in model.parameters() if id(p) not in experts), zero)
-    expert_sq = sum((p.grad.double().square().sum() for p in model.parameters() if id(p) in experts), zero)
+    dense_sq = sum((squared(p) for p in model.parameters() if id(p) not in experts), zero)
+    expert_sq = sum((squared(p) for p in model.parameters() if id(p) in experts), zero)
     if layout.ep_group is not None:
         dist.all_reduce(expert_sq, group=layout.ep_group)
     return (dense_sq + expert_sq).sqrt()
@@ -135,6 +168,13 @@ class Trainer:
         # Load statistics (global-batch aux loss, selection bias) are summed over every rank.
         shard_experts(model, layout.ep_group, dist.group.WORLD if layout.world > 1 else None)
         self.model = model.to(device)
+        parallel = config.parallel
+        moe_layers = [layer for _, layer in self.model.moe_layers()]
+        self.load_ema = [torch.zeros(layer.config.num_experts, dtype=torch.float64) for layer in moe_layers]
+        if parallel.redundant_experts:
+            for layer in moe_layers:  # before any load is measured: the placement for a uniform load
+                uniform = torch.ones(layer.config.num_experts)
+                layer.apply_placement(balance(uniform, layout.ep, parallel.redundant_experts))
         decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2]
         no_decay = [p for n, p in self.model.named_parameters() if p.dim() < 2]
         self.optimizer = torch.optim.AdamW(
@@ -213,6 +253,12 @@ class Trainer:
         )
         loads = torch.tensor(totals[4:]).view(len(moe_layers), -1) if moe_layers else torch.zeros(0, 1)
         imbalance = (loads.max(dim=1).values / loads.mean(dim=1).clamp_min(1e-9)).tolist()
+        rank_imbalance = []
+        for layer, load in zip(moe_layers, loads):  # rows per ep rank, each replica an equal share
+            placement = layer.placement or contiguous(layer.config.num_experts, layout.ep)
+            per_rank = placement.rank_load(load)
+            rank_imbalance.append(float(per_rank.max() / per_rank.mean().clamp_min(1e-9)))
+        self.replan(moe_layers, loads)
         peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
         seconds, peak_rss, exchange_s = self.all_max([time.perf_counter() - started, peak_rss, exchange_s])
         tokens = train.global_batch * self.config.model.seq_len
@@ -228,10 +274,24 @@ class Trainer:
             "dropped_fraction": totals[2] / max(totals[3], 1),
             "expert_load_max_over_mean": max(imbalance, default=1.0),
             "expert_load_per_layer": imbalance,
+            "rank_load_max_over_mean": max(rank_imbalance, default=1.0),
             # Per layer, each expert's share of the step's kept assignments (for expert_load.png).
             "expert_share": (loads / loads.sum(dim=1, keepdim=True).clamp_min(1e-9)).tolist(),
             "peak_rss_mib": peak_rss / 2**20,
         }
+
+    def replan(self, moe_layers: list, loads: torch.Tensor) -> None:
+        """Update the load averages; every parallel.replan_every steps re-place each layer's experts.
+
+        `loads` [layers, E] is summed over all ranks, so every rank computes the same placement.
+        """
+        parallel = self.config.parallel
+        for ema, load in zip(self.load_ema, loads):
+            ema.mul_(LOAD_EMA_DECAY).add_(load.double(), alpha=1 - LOAD_EMA_DECAY)
+        if not parallel.replan_every or self.step % parallel.replan_every:
+            return
+        for layer, ema in zip(moe_layers, self.load_ema):
+            layer.apply_placement(balance(ema, self.layout.ep, parallel.redundant_experts), self.optimizer)
 
     @torch.no_grad()
     def evaluate(self) -> float:

@@ -17,3 +17,23 @@ def test_replicas_equal_the_single_process_layer(world_size, tmp_path):
         passed = re.search(r"rank \d+: (\d+) of (\d+) checks passed", result.output)
         assert passed, result.output[-2000:]
         assert passed.group(1) == passed.group(2)
+
+
+def test_trainer_with_replicas_resumes_without_them(tmp_path):
+    """ep=2 with 2 redundant experts re-planned every 2 steps, saved at step 3; resumed with no replicas,
+    steps 4 and 5 give the losses of the replicated run."""
+    from test_train import losses, train
+
+    train(
+        tmp_path,
+        2,
+        "parallel.ep=2",
+        "parallel.redundant_experts=2",
+        "parallel.replan_every=2",
+        "train.checkpoint_every=3",
+    )
+    replicated = losses(tmp_path)
+    assert (tmp_path / "checkpoints" / "step_3").is_dir()
+    run = train(tmp_path, 2, "parallel.ep=2")
+    assert "resumed from" in run.stdout
+    assert losses(tmp_path) == pytest.approx(replicated, rel=1e-5)
