@@ -84,6 +84,11 @@ def copy_to_hf_block(layer: MoELayer, block: nn.Module, *, gather: bool = False)
     of the layer's group must call this together; the experts are all-gathered
     and every rank's block receives all of them.
     """
+    if layer.placement is not None:
+        raise ValueError(
+            "copy_to_hf_block: the layer holds redundant experts (a placement); "
+            "call layer.apply_placement(None) first to return to one copy of each expert"
+        )
     theirs, mine = _config_from_block(block, {}), layer.config
     differ = [f for f in _MATH_FIELDS if getattr(theirs, f) != getattr(mine, f)]
     if differ or theirs.shared_hidden != mine.shared_hidden:
