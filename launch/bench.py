@@ -72,7 +72,10 @@ from launch.bench_tools import (
 PHASES = bench_peers.PHASES
 IMPLS = ("layer", "floor", "breakdown", "fairscale", "loop")
 QUICK = {"tokens": [256], "d_model": 64, "d_hidden": 128, "steps": 2, "warmup": 1}
-GOALS = {"layer / fairscale": 0.35, "layer / floor": 1.05}
+# bf16 GEMMs run about 13x slower than fp32 on an AVX2-only CPU (launch.bench_gemm): smaller defaults.
+BF16_SIZES = {"tokens": [1024], "d_model": 256, "d_hidden": 1024}
+FP32_SIZES = {"tokens": [4096], "d_model": 512, "d_hidden": 2048}
+GOALS = {"layer / fairscale": 0.35, "layer / floor": 1.05, "bf16 layer / bf16 floor": 1.10}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -83,9 +86,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     def ints(text: str) -> list[int]:
         return [int(v) for v in text.split(",")]
 
-    parser.add_argument("--tokens", type=ints, default=[4096], help="tokens per rank; a comma list sweeps")
-    parser.add_argument("--d-model", type=int, default=512)
-    parser.add_argument("--d-hidden", type=int, default=2048)
+    parser.add_argument("--tokens", type=ints, help="tokens per rank; a comma list sweeps (default 4096)")
+    parser.add_argument("--d-model", type=int, help="default 512")
+    parser.add_argument("--d-hidden", type=int, help="default 2048")
     parser.add_argument("--experts", type=ints, default=[8], help="E; a comma list sweeps")
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument(
@@ -116,6 +119,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--gemm", choices=("auto", "loop", "grouped_mm"), default="auto", help="the experts' GEMM"
     )
+    parser.add_argument(
+        "--dtype",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help=f"bf16: also the layer and the floor under torch.autocast(cpu, bf16), beside fp32, with "
+        f"the output and gradient difference against fp32; default sizes then {BF16_SIZES}",
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the memory pass")
     parser.add_argument("--json", type=Path, help="write the results here (rank 0)")
     parser.add_argument("--quick", action="store_true", help=f"a smoke run: {QUICK}")
@@ -128,6 +138,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         vars(args).update(QUICK)
+    for key, value in (BF16_SIZES if args.dtype == "bf16" else FP32_SIZES).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     capacity = args.capacity or ("none,1.0,1.25" if args.compare else "none,1.25")
     args.capacity = [None if c.strip().lower() == "none" else float(c) for c in capacity.split(",")]
     impls = args.impls or (",".join(IMPLS) if args.compare else "layer,floor,breakdown")
@@ -215,10 +228,13 @@ def memory_pass(steps: dict, keep_after: bool) -> dict[str, list[float]]:
     return peaks
 
 
-def layer_step(layer: ep.MoELayer, x_TD: torch.Tensor, upstream_TO: torch.Tensor):
+def layer_step(layer: ep.MoELayer, x_TD: torch.Tensor, upstream_TO: torch.Tensor, bf16: bool = False):
+    """Forward (under bf16 autocast with `bf16`) and backward of the layer; grads dropped after."""
+
     def step() -> dict[str, float]:
         start = time.perf_counter()
-        loss = (layer(x_TD) * upstream_TO).sum() + layer.aux_loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = (layer(x_TD) * upstream_TO).sum() + layer.aux_loss
         middle = time.perf_counter()
         loss.backward()
         seconds = {"fwd": middle - start, "bwd": time.perf_counter() - middle}
@@ -236,8 +252,11 @@ def rows_computed_here(layer: ep.MoELayer) -> int:
     return int(load_E[layer.first_expert : layer.first_expert + layer.num_local_experts].sum())
 
 
-def floor_step(num_rows: int, config: ep.MoEConfig, generator: torch.Generator):
-    """One dense FFN over `num_rows` rows: a single GEMM per weight matrix, forward and backward."""
+def floor_step(num_rows: int, config: ep.MoEConfig, generator: torch.Generator, bf16: bool = False):
+    """One dense FFN over `num_rows` rows: a single GEMM per weight matrix, forward and backward.
+
+    With `bf16`, the forward runs under bf16 autocast, as nn.Linear layers would.
+    """
     d, h, o = config.d_model, config.d_hidden, config.d_out
 
     def param(*shape: int) -> torch.Tensor:
@@ -248,8 +267,9 @@ def floor_step(num_rows: int, config: ep.MoEConfig, generator: torch.Generator):
 
     def step() -> dict[str, float]:
         start = time.perf_counter()
-        h_SH = torch.relu(torch.addmm(b1_H, x_SD, w1_DH))
-        loss = (torch.addmm(b2_O, h_SH, w2_HO) * upstream_SO).sum()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            h_SH = torch.relu(torch.addmm(b1_H, x_SD, w1_DH))
+            loss = (torch.addmm(b2_O, h_SH, w2_HO) * upstream_SO).sum()
         middle = time.perf_counter()
         loss.backward()
         seconds = {"fwd": middle - start, "bwd": time.perf_counter() - middle}
@@ -318,6 +338,36 @@ def instrumented_step(layer: ep.MoELayer, x_TD: torch.Tensor, upstream_TO: torch
     return step
 
 
+def bf16_difference(layer: ep.MoELayer, x_TD: torch.Tensor, upstream_TO: torch.Tensor) -> dict:
+    """The layer under bf16 autocast against fp32: ||difference|| / ||fp32||, output and gradients (worst).
+
+    Also whether both chose the same experts (the router runs in fp32 under
+    autocast): the kept rows per expert of the two forwards, all ranks.
+    """
+    runs = []
+    for bf16 in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out_TO = layer(x_TD)
+        (out_TO.float() * upstream_TO).sum().backward()
+        grads = {"x": x_TD.grad, **{n: p.grad for n, p in layer.named_parameters() if p.grad is not None}}
+        runs.append((out_TO.detach().float(), grads, layer.stats.tokens_per_expert.clone()))
+        layer.zero_grad(set_to_none=True)
+        x_TD.grad = None
+
+    def relative(got: torch.Tensor, want: torch.Tensor) -> float:
+        return float((got.float() - want).norm() / want.norm().clamp_min(1e-30)) if want.numel() else 0.0
+
+    (out32, grads32, load32), (out16, grads16, load16) = runs
+    mine = [relative(out16, out32), max(relative(grads16[n], g) for n, g in grads32.items())]
+    mine.append(float(torch.equal(load32, load16)))
+    per_rank = gather(mine)
+    return {
+        "output": max(row[0] for row in per_rank),
+        "gradients": max(row[1] for row in per_rank),
+        "same_experts": all(row[2] == 1.0 for row in per_rank),
+    }
+
+
 def setting_name(factor: float | None) -> str:
     return "dropless" if factor is None else f"capacity {factor:g}"
 
@@ -365,6 +415,10 @@ def run_case(args: argparse.Namespace, tokens: int, experts: int, hidden: int, t
             steps[f"floor {name}"] = floor_step(rows_here, config, generator)
         if "breakdown" in args.impls:
             steps[f"breakdown {name}"] = instrumented_step(layer, x_TD, upstream_TO)
+        if args.dtype == "bf16":
+            settings[name]["bf16_vs_fp32"] = bf16_difference(layer, x_TD, upstream_TO)
+            steps[f"layer {name} bf16"] = layer_step(layer, x_TD, upstream_TO, bf16=True)
+            steps[f"floor {name} bf16"] = floor_step(rows_here, config, generator, bf16=True)
     if "fairscale" in args.impls:
         why_not = bench_peers.fairscale_missing()
         need = bench_peers.fairscale_dense_bytes(tokens, experts) * size
@@ -454,6 +508,12 @@ def setting_outcome(args, name: str, setting: dict, results: dict, tokens: int, 
         paired = [a / b for a, b in zip(lay["per_round_ms"], flo["per_round_ms"])]
         outcome["layer / floor per round"] = paired
         outcome["layer / floor paired median"] = statistics.median(paired)
+    lay16, flo16 = results.get(f"layer {name} bf16"), results.get(f"floor {name} bf16")
+    if lay16 and flo16:
+        outcome["bf16 layer / bf16 floor"] = lay16["ms"]["total"] / flo16["ms"]["total"]
+        outcome["bf16 / fp32 layer"] = lay16["ms"]["total"] / lay["ms"]["total"] if lay else math.nan
+        outcome["bf16 / fp32 floor"] = flo16["ms"]["total"] / flo["ms"]["total"] if flo else math.nan
+        outcome["bf16_vs_fp32"] = setting["bf16_vs_fp32"]
     if lay and "fairscale" in results:
         outcome["layer / fairscale"] = lay["ms"]["total"] / results["fairscale"]["ms"]["total"]
     if lay and "loop" in results:
@@ -552,6 +612,15 @@ def print_case(args: argparse.Namespace, case: dict) -> None:
                 say(f"{key} ({name}): {outcome[key]:.3f} ({verdict} the <= {goal} goal)")
         if "layer / loop" in outcome:
             say(f"layer / loop ({name}): {outcome['layer / loop']:.3f}")
+        if "bf16_vs_fp32" in outcome:
+            diff, slower = outcome["bf16_vs_fp32"], outcome["bf16 / fp32 layer"]
+            say(
+                f"bf16 ({name}): layer bf16 / fp32 {slower:.2f}, floor bf16 / fp32 "
+                f"{outcome['bf16 / fp32 floor']:.2f}"
+                + (" -- bf16 is SLOWER than fp32 on this CPU" if slower > 1 else "")
+                + f"; bf16 vs fp32: output {diff['output']:.1e}, gradients {diff['gradients']:.1e} "
+                f"(||diff|| / ||fp32||, worst tensor), same experts chosen: {diff['same_experts']}"
+            )
     if "fairscale" in impls and impls["fairscale"]["step_peak_mib"]:
         fair = impls["fairscale"]
         fair_mib = max(fair["step_peak_mib"]) + fair["params_mib"]
@@ -652,7 +721,8 @@ def main(argv: list[str]) -> int:
             f"load average {' '.join(f'{v:.2f}' for v in info['load_average'])}"
         )
         say(
-            f"D {args.d_model}, fp32 relu experts with biases, gemm {args.gemm}; "
+            f"D {args.d_model}, relu experts with biases, fp32"
+            f"{' and bf16 autocast' if args.dtype == 'bf16' else ''}, gemm {args.gemm}; "
             f"impls {','.join(args.impls)}; "
             f"capacity {','.join(setting_name(f) for f in args.capacity)}; "
             f"{args.warmup} warmup + {args.steps} timed rounds"
