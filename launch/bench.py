@@ -214,10 +214,10 @@ def rank_medians_ms(rows: list[dict[str, list[float]]], key: str = "total") -> l
 
 def memory_pass(steps: dict, keep_after: bool) -> dict[str, list[float]]:
     """Each step once more, its RSS peak above the RSS before it, per rank, in MiB (see rss_peak)."""
+    gc.collect()
     return_freed_memory()
     peaks = {}
     for name, step in steps.items():
-        gc.collect()
         trim()
         dist.barrier()
         with rss_peak() as rss:

@@ -62,17 +62,21 @@ def test_the_benchmarks_simple_moe_is_the_seed_design_that_the_layer_reproduces(
     torch.testing.assert_close(layer(x), simple(x), rtol=1e-5, atol=1e-6)
 
 
-def test_side_by_side_and_skew_smoke_run_then_the_report(tmp_path):
-    out = tmp_path / "bench.json"
-    sizes = ["--tokens", "256", "--d-model", "64", "--d-hidden", "128", "--steps", "1", "--warmup", "0"]
-    args = [*sizes, "--compare", "--capacity", "none,1.25", "--skew", "router,one", "--dtype", "bf16"]
-    args += ["--json", str(out)]
+SMALL = ["--tokens", "256", "--d-model", "64", "--d-hidden", "128", "--steps", "1", "--warmup", "0"]
+
+
+def bench(*args: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
     run = subprocess.run(
-        [*cmd, "-m", "launch.bench", *args], cwd=REPO, capture_output=True, text=True, timeout=180
+        [*cmd, "-m", "launch.bench", *SMALL, *args], cwd=REPO, capture_output=True, text=True, timeout=180
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    text = run.stdout
+    return run
+
+
+def test_side_by_side_and_skew_smoke_run_then_the_report(tmp_path):
+    out = tmp_path / "bench.json"
+    text = bench("--compare", "--capacity", "none,1.25", "--skew", "router,one", "--json", str(out)).stdout
     assert text.count("ratio layer / floor") == 4  # 2 capacity settings x 2 skews
     if importlib.util.find_spec("fairscale") is not None:
         assert "layer / fairscale (dropless)" in text and "fairscale breakdown" in text
@@ -82,7 +86,6 @@ def test_side_by_side_and_skew_smoke_run_then_the_report(tmp_path):
     assert "loop skipped: SimpleMoE routes by itself" in text  # the forced all-to-one case
     assert "max_tokens_per_expert=" in text and "refused: " in text and "NOT refused" not in text
     assert "efficiency" in text and "step peak" in text
-    assert text.count("same experts chosen: True") == 4 and "bf16 layer / bf16 floor (dropless)" in text
     plots = tmp_path / "plots"
     report = subprocess.run(
         [sys.executable, "-m", "launch.bench_report", str(out), "--plots", str(plots)],
@@ -95,6 +98,11 @@ def test_side_by_side_and_skew_smoke_run_then_the_report(tmp_path):
     assert "| skew | setting |" in report.stdout and "| one | dropless |" in report.stdout
     if importlib.util.find_spec("matplotlib") is not None:
         assert (plots / "bench_skew.png").stat().st_size > 0
+
+
+def test_bf16_mode_reports_the_ratio_and_the_difference_against_fp32():
+    text = bench("--dtype", "bf16", "--capacity", "none", "--impls", "layer,floor", "--no-memory").stdout
+    assert "bf16 layer / bf16 floor (dropless)" in text and "same experts chosen: True" in text
 
 
 def test_report_tables_from_a_sweep_and_weak_scaling():
