@@ -40,6 +40,7 @@ from expert_parallel.model import ModelConfig, Transformer
 from expert_parallel.parallel import Layout, expert_parameters, make_layout, shard_experts, sum_gradients
 from expert_parallel.placement import balance, contiguous
 from launch import plot_load
+from launch.bench_tools import forced_expert_ids
 
 
 @dataclass(frozen=True)
@@ -59,11 +60,18 @@ class TrainConfig:
     eval_batches: int = 8
     log_every: int = 10
     max_corpus_bytes: int | None = None  # cap on each of train and validation text (None: all)
+    # Benchmarks only: override every MoE layer's choice of experts in training forwards with
+    # "uniform", "zipf" (Zipf(1) over expert ids) or "one" (all-to-one) loads; None: the router's.
+    forced_routing: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("steps", "global_batch", "micro_batch", "eval_every", "eval_batches", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.forced_routing not in (None, "uniform", "zipf", "one"):
+            raise ValueError(
+                f'train.forced_routing must be "uniform", "zipf", "one" or none, got {self.forced_routing!r}'
+            )
         if self.checkpoint_every < 0 or self.warmup_steps < 0 or self.lr <= 0:
             raise ValueError("train.checkpoint_every and train.warmup_steps must be >= 0, train.lr > 0")
 
@@ -224,7 +232,8 @@ class Trainer:
         mine = data.micro_batches(batch, self.rank, layout.world, train.micro_batch)
         lm_sum, aux_sum, dropped, routed = 0.0, 0.0, 0, 0
         load_E = [torch.zeros(layer.config.num_experts, dtype=torch.float64) for layer in moe_layers]
-        for tokens in mine:
+        for micro, tokens in enumerate(mine):
+            self.force_routing(moe_layers, tokens.shape[0] * (tokens.shape[1] - 1), micro)
             lm_loss, aux_loss = self.model.loss(tokens.to(self.device))
             ((lm_loss + aux_loss) / self.micro_batches_per_step).backward()
             lm_loss, aux_loss = lm_loss.detach(), aux_loss.detach()
@@ -293,6 +302,17 @@ class Trainer:
         for layer, ema in zip(moe_layers, self.load_ema):
             layer.apply_placement(balance(ema, self.layout.ep, parallel.redundant_experts), self.optimizer)
 
+    def force_routing(self, moe_layers: list, num_tokens: int, micro: int) -> None:
+        """train.forced_routing (benchmarks only): set each layer's forced expert ids for the next forward."""
+        kind = self.config.train.forced_routing
+        if kind is None:
+            return
+        seed = ((self.config.train.seed * 1_000_003 + self.step) * 1_009 + self.rank) * 101 + micro
+        generator = torch.Generator().manual_seed(seed)
+        for layer in moe_layers:
+            ids = forced_expert_ids(kind, num_tokens, layer.config.num_experts, layer.config.top_k, generator)
+            layer.forced_expert_ids = ids.to(self.device)
+
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean next-byte loss over fixed validation batches, split across the ranks."""
@@ -302,7 +322,12 @@ class Trainer:
             self.val_corpus, train.eval_batches * world, size, self.config.model.seq_len
         )
         self.model.eval()
+        forced = [(layer, layer.forced_expert_ids) for _, layer in self.model.moe_layers()]
+        for layer, _ in forced:  # evaluation routes by the router (micro-batch sizes differ too)
+            layer.forced_expert_ids = None
         total = sum(self.model.loss(b.to(self.device))[0].item() for b in batches[self.rank :: world])
+        for layer, ids in forced:
+            layer.forced_expert_ids = ids
         self.model.train()
         return self.all_sum([total])[0] / len(batches)
 

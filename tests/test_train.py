@@ -107,3 +107,11 @@ def test_resume_continues_exactly_and_reshards_across_ep_sizes(tmp_path):
     assert losses(tmp_path / "reshard") == pytest.approx(whole, rel=1e-4)
     names = sorted(p.name for p in (tmp_path / "reshard" / "checkpoints").iterdir())
     assert names == ["step_3", "step_6"]  # no .partial left behind
+
+
+def test_forced_routing_is_a_named_choice():
+    from launch.train import TrainConfig
+
+    TrainConfig(steps=1, global_batch=2, micro_batch=1, out_dir="x", forced_routing="zipf")
+    with pytest.raises(ValueError, match="train.forced_routing"):
+        TrainConfig(steps=1, global_batch=2, micro_batch=1, out_dir="x", forced_routing="skewed")
