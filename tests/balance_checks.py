@@ -132,14 +132,7 @@ def main() -> int:
         )
         check_global_batch_aux(checks, "global-batch aux, no ep, stats over the world", None, micro_batches=2)
         check_selection_bias_stays_equal(checks, dist.group.WORLD)
-        failed = torch.tensor(len(checks.failures))
-        dist.all_reduce(failed)
-        for failure in checks.failures:
-            print(f"rank {rank} FAILED {failure}", flush=True)
-        print(
-            f"rank {rank}: {checks.count - len(checks.failures)} of {checks.count} checks passed", flush=True
-        )
-        return 1 if int(failed) else 0
+        return checks.verdict(rank)
     finally:
         ep.shutdown()
 

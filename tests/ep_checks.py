@@ -49,6 +49,15 @@ class Checks:
     def equal(self, name: str, got: torch.Tensor, want: torch.Tensor) -> None:
         self.true(name, got.shape == want.shape and torch.equal(got, want), "(not bitwise equal)")
 
+    def verdict(self, rank: int) -> int:
+        """Print this rank's failures and tally; 1 if any rank failed a check (a collective), else 0."""
+        failed = torch.tensor(len(self.failures), device=DEVICE)
+        dist.all_reduce(failed)
+        for failure in self.failures:
+            print(f"rank {rank} FAILED {failure}", flush=True)
+        print(f"rank {rank}: {self.count - len(self.failures)} of {self.count} checks passed", flush=True)
+        return 1 if int(failed) else 0
+
 
 def run_step(layer: ep.MoELayer, x: torch.Tensor, upstream: torch.Tensor):
     """Forward + backward of (out * upstream).sum() + aux_loss; returns out and the input gradient."""
@@ -440,14 +449,7 @@ def main() -> int:
             check_all_ranks_empty,
         ):
             check(checks, group)
-        failed = torch.tensor(len(checks.failures), device=DEVICE)
-        dist.all_reduce(failed)
-        for failure in checks.failures:
-            print(f"rank {rank} FAILED {failure}", flush=True)
-        print(
-            f"rank {rank}: {checks.count - len(checks.failures)} of {checks.count} checks passed", flush=True
-        )
-        return 1 if int(failed) else 0
+        return checks.verdict(rank)
     except Exception:
         traceback.print_exc()
         return 1

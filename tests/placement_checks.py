@@ -253,14 +253,7 @@ def main() -> int:
         check_balance_under_zipf(checks)
         check_apply_placement(checks, base, r_p, r_2p)
         check_checkpoint(checks, replace(base, activation="swiglu"), r_2p, r_p, directory)
-        failed = torch.tensor(len(checks.failures))
-        dist.all_reduce(failed)
-        for failure in checks.failures:
-            print(f"rank {rank} FAILED {failure}", flush=True)
-        print(
-            f"rank {rank}: {checks.count - len(checks.failures)} of {checks.count} checks passed", flush=True
-        )
-        return 1 if int(failed) else 0
+        return checks.verdict(rank)
     except Exception:
         traceback.print_exc()
         return 1
