@@ -61,6 +61,7 @@ from launch import bench_peers
 from launch.bench_tools import (
     SKEWS,
     PhaseTape,
+    even_splits,
     forced_expert_ids,
     keep_freed_memory,
     plain_all_to_all_seconds,
@@ -75,7 +76,13 @@ QUICK = {"tokens": [256], "d_model": 64, "d_hidden": 128, "steps": 2, "warmup": 
 # bf16 GEMMs run about 13x slower than fp32 on an AVX2-only CPU (launch.bench_gemm): smaller defaults.
 BF16_SIZES = {"tokens": [1024], "d_model": 256, "d_hidden": 1024}
 FP32_SIZES = {"tokens": [4096], "d_model": 512, "d_hidden": 2048}
-GOALS = {"layer / fairscale": 0.35, "layer / floor": 1.05, "bf16 layer / bf16 floor": 1.10}
+GOALS = {
+    "layer / fairscale": 0.35,
+    "layer / fairscale (cpu)": 0.35,
+    "layer / floor": 1.05,
+    "layer / floor (cpu)": 1.05,
+    "bf16 layer / bf16 floor": 1.10,
+}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -125,6 +132,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default="fp32",
         help=f"bf16: also the layer and the floor under torch.autocast(cpu, bf16), beside fp32, with "
         f"the output and gradient difference against fp32; default sizes then {BF16_SIZES}",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads per rank (torchrun sets 1 only for 2+ ranks)"
     )
     parser.add_argument("--no-memory", action="store_true", help="skip the memory pass")
     parser.add_argument("--json", type=Path, help="write the results here (rank 0)")
@@ -183,9 +193,13 @@ def gather(values: list[float]) -> list[list[float]]:
 
 
 def measure(steps: dict, warmup: int, repeats: int) -> dict[str, list[dict[str, list[float]]]]:
-    """Per step, its `repeats` timed rounds: {key: [seconds per rank]} for each key of its dict plus "total".
+    """Per step, its `repeats` timed rounds: {key: [seconds per rank]} for each key of its dict,
+    "total" (their sum) and "cpu".
 
-    Each step returns this rank's seconds per part; "total" is their sum.
+    Each step returns this rank's wall seconds per part. "cpu" is the CPU
+    seconds the rank's process (all its threads, gloo's included) spent in
+    the step: on a shared host, time spent waiting for a core is not in it,
+    so its ratios hold where wall-clock ones scatter.
     The steps run round-robin, so that drift in a shared host's speed reaches
     them alike; an untimed barrier lines the ranks up before each call.
     """
@@ -193,8 +207,11 @@ def measure(steps: dict, warmup: int, repeats: int) -> dict[str, list[dict[str, 
     for index in range(warmup + repeats):
         for name, step in steps.items():
             dist.barrier()
+            cpu = time.process_time()
             seconds = step()
+            cpu = time.process_time() - cpu
             seconds["total"] = sum(seconds.values())
+            seconds["cpu"] = cpu
             per_rank = gather(list(seconds.values()))
             samples[name].append({key: [row[i] for row in per_rank] for i, key in enumerate(seconds)})
         done = ", ".join(f"{name} {max(samples[name][-1]['total']) * 1e3:.0f}" for name in steps)
@@ -469,6 +486,7 @@ def run_case(args: argparse.Namespace, tokens: int, experts: int, hidden: int, t
             "ms": medians_ms(rows),
             "rank_ms": rank_medians_ms(rows),
             "per_round_ms": [max(row["total"]) * 1e3 for row in rows],
+            "per_round_cpu_ms": [max(row["cpu"]) * 1e3 for row in rows],
             "step_peak_mib": memory.get(name),
             "params_mib": params.get(name),
         }
@@ -508,16 +526,19 @@ def setting_outcome(args, name: str, setting: dict, results: dict, tokens: int, 
         paired = [a / b for a, b in zip(lay["per_round_ms"], flo["per_round_ms"])]
         outcome["layer / floor per round"] = paired
         outcome["layer / floor paired median"] = statistics.median(paired)
+        outcome["layer / floor (cpu)"] = lay["ms"]["cpu"] / flo["ms"]["cpu"]
+        paired = [a / b for a, b in zip(lay["per_round_cpu_ms"], flo["per_round_cpu_ms"])]
+        outcome["layer / floor (cpu) per round"] = paired
     lay16, flo16 = results.get(f"layer {name} bf16"), results.get(f"floor {name} bf16")
     if lay16 and flo16:
         outcome["bf16 layer / bf16 floor"] = lay16["ms"]["total"] / flo16["ms"]["total"]
         outcome["bf16 / fp32 layer"] = lay16["ms"]["total"] / lay["ms"]["total"] if lay else math.nan
         outcome["bf16 / fp32 floor"] = flo16["ms"]["total"] / flo["ms"]["total"] if flo else math.nan
         outcome["bf16_vs_fp32"] = setting["bf16_vs_fp32"]
-    if lay and "fairscale" in results:
-        outcome["layer / fairscale"] = lay["ms"]["total"] / results["fairscale"]["ms"]["total"]
-    if lay and "loop" in results:
-        outcome["layer / loop"] = lay["ms"]["total"] / results["loop"]["ms"]["total"]
+    for peer in ("fairscale", "loop"):
+        if lay and peer in results:
+            outcome[f"layer / {peer}"] = lay["ms"]["total"] / results[peer]["ms"]["total"]
+            outcome[f"layer / {peer} (cpu)"] = lay["ms"]["cpu"] / results[peer]["ms"]["cpu"]
     breakdown = results.get(f"breakdown {name}")
     if breakdown:
         # Each rank's own work: its sum of phases, waits for peers excluded.
@@ -540,16 +561,35 @@ def setting_outcome(args, name: str, setting: dict, results: dict, tokens: int, 
         ]
         mean_bytes = statistics.mean(bytes_per_rank)
         seconds = (breakdown["ms"].get("exchange fwd", 0) + breakdown["ms"].get("exchange bwd", 0)) / 1e3
-        plain = plain_all_to_all_seconds(int(mean_bytes / 4), layer.group)  # one of the 4 exchanges
-        outcome["exchange"] = {
+        # One of the 4 exchanges, two ways: the same bytes spread evenly over the other
+        # ranks, and the layer's own dispatch splits, its rows for itself included.
+        elements = int(mean_bytes / 4 / elem)
+        plain = plain_all_to_all_seconds(even_splits(elements), even_splits(elements), layer.group)
+        send_P, recv_P = dispatch_splits(layer)
+        same = plain_all_to_all_seconds(
+            [n * args.d_model for n in send_P], [n * args.d_model for n in recv_P], layer.group
+        )
+        outcome["exchange"] = exchange = {
             "bytes_per_rank_per_step": bytes_per_rank,
             "layer_seconds": seconds,
             "layer_gb_per_s": mean_bytes / seconds / 1e9 if seconds else math.nan,
             "plain_gb_per_s": mean_bytes / 4 / plain / 1e9 if plain else math.nan,
+            "plain_same_splits_gb_per_s": mean_bytes / 4 / same / 1e9 if same else math.nan,
         }
-        exchange = outcome["exchange"]
         exchange["efficiency"] = exchange["layer_gb_per_s"] / exchange["plain_gb_per_s"]
+        exchange["efficiency_same_splits"] = (
+            exchange["layer_gb_per_s"] / exchange["plain_same_splits_gb_per_s"]
+        )
     return outcome
+
+
+def dispatch_splits(layer: ep.MoELayer) -> tuple[list[int], list[int]]:
+    """This rank's dispatch all-to-all splits in rows, [P] sent and [P] received, from the last forward."""
+    e, rank = layer.num_local_experts, layer.rank
+    rows_PE = [[int(v) for v in row] for row in gather(layer.stats.tokens_per_expert.tolist())]
+    send = [sum(rows_PE[rank][p * e : (p + 1) * e]) for p in range(layer.group_size)]
+    recv = [sum(rows_PE[q][rank * e : (rank + 1) * e]) for q in range(layer.group_size)]
+    return send, recv
 
 
 def refuse_all_to_one(args, shape: dict, x_TD: torch.Tensor, forced_TK: torch.Tensor) -> dict:
@@ -589,7 +629,7 @@ def print_case(args: argparse.Namespace, case: dict) -> None:
         "memory per rank, max over ranks):"
     )
     say(
-        f"{'':<22} {'fwd':>8} {'bwd':>8} {'total':>8} {'x dropless':>10} "
+        f"{'':<22} {'fwd':>8} {'bwd':>8} {'total':>8} {'cpu':>8} {'x dropless':>10} "
         f"{'params MiB':>10} {'step peak MiB':>13} {'sum MiB':>8}"
     )
     base = impls.get("layer dropless")
@@ -602,7 +642,7 @@ def print_case(args: argparse.Namespace, case: dict) -> None:
         par_text = f"{par:10.1f}" if par is not None else f"{'':>10}"
         both = f"{max(peak) + par:8.0f}" if peak and par is not None else f"{'':>8}"
         say(
-            f"{name:<22} {ms['fwd']:8.1f} {ms['bwd']:8.1f} {ms['total']:8.1f} "
+            f"{name:<22} {ms['fwd']:8.1f} {ms['bwd']:8.1f} {ms['total']:8.1f} {ms['cpu']:8.1f} "
             f"{relative} {par_text} {peak_text} {both}"
         )
     for name, outcome in case["layers"].items():
@@ -610,8 +650,9 @@ def print_case(args: argparse.Namespace, case: dict) -> None:
             if key in outcome:
                 verdict = "meets" if outcome[key] <= goal else "MISSES"
                 say(f"{key} ({name}): {outcome[key]:.3f} ({verdict} the <= {goal} goal)")
-        if "layer / loop" in outcome:
-            say(f"layer / loop ({name}): {outcome['layer / loop']:.3f}")
+        for key in ("layer / loop", "layer / loop (cpu)"):
+            if key in outcome:
+                say(f"{key} ({name}): {outcome[key]:.3f}")
         if "bf16_vs_fp32" in outcome:
             diff, slower = outcome["bf16_vs_fp32"], outcome["bf16 / fp32 layer"]
             say(
@@ -661,11 +702,14 @@ def print_setting(name: str, outcome: dict, impls: dict) -> None:
         impls.get(f"breakdown {name}"),
     )
     say(f"\n== {name} ==   (ms: slowest rank per step, median over steps)")
-    say(f"{'':<14} {'fwd':>9} {'bwd':>9} {'total':>9} {'% layer':>8}")
+    say(f"{'':<14} {'fwd':>9} {'bwd':>9} {'total':>9} {'% layer':>8} {'cpu':>9}")
     for label, result in (("layer", layer), ("floor", floor)):
         if result:
             row = result["ms"]
-            say(f"{label:<14} {row['fwd']:9.1f} {row['bwd']:9.1f} {row['total']:9.1f}")
+            say(
+                f"{label:<14} {row['fwd']:9.1f} {row['bwd']:9.1f} {row['total']:9.1f} "
+                f"{'':>8} {row['cpu']:9.1f}"
+            )
     if "layer / floor" in outcome:
         ratio = outcome["layer / floor"]
         verdict = "meets" if ratio <= GOALS["layer / floor"] else "MISSES"
@@ -673,6 +717,10 @@ def print_setting(name: str, outcome: dict, impls: dict) -> None:
             f"ratio layer / floor {ratio:.3f} ({verdict} the <= {GOALS['layer / floor']} goal); "
             f"median of the per-round ratios {outcome['layer / floor paired median']:.3f}; "
             f"per round {' '.join(f'{r:.2f}' for r in outcome['layer / floor per round'])}"
+        )
+        say(
+            f"cpu time layer / floor {outcome['layer / floor (cpu)']:.3f}; per round "
+            f"{' '.join(f'{r:.2f}' for r in outcome['layer / floor (cpu) per round'])}"
         )
     if breakdown and layer:
         say("breakdown (instrumented pass):")
@@ -702,7 +750,9 @@ def print_setting(name: str, outcome: dict, impls: dict) -> None:
         say(
             f"all-to-all: {statistics.mean(ex['bytes_per_rank_per_step']) / 2**20:.1f} MiB per rank per step "
             f"to other ranks in {ex['layer_seconds'] * 1e3:.1f} ms = {ex['layer_gb_per_s']:.2f} GB/s; "
-            f"plain all_to_all_single {ex['plain_gb_per_s']:.2f} GB/s; efficiency {ex['efficiency']:.2f}"
+            f"plain all_to_all_single {ex['plain_gb_per_s']:.2f} GB/s (even, to other ranks), "
+            f"{ex['plain_same_splits_gb_per_s']:.2f} GB/s (the layer's splits, its own rows included); "
+            f"efficiency {ex['efficiency']:.2f}, {ex['efficiency_same_splits']:.2f}"
         )
 
 
@@ -711,6 +761,7 @@ def main(argv: list[str]) -> int:
     allocator = "glibc malloc defaults" if args.malloc_default else keep_freed_memory()
     # gloo even where CUDA is present: this benchmark measures CPU ranks.
     ep.init_distributed(backend="gloo")
+    torch.set_num_threads(args.threads)
     try:
         start = time.perf_counter()
         info = machine()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -45,9 +46,9 @@ def compare_table(case: dict) -> list[str]:
     lines = [
         f"{shape_of(case)}, {case['ranks']} ranks, skew {case['case']['skew']}:",
         "",
-        "| implementation | fwd ms | bwd ms | total ms | x layer dropless | x its floor "
-        "| dropped | peak MiB/rank (params + step) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| implementation | fwd ms | bwd ms | total ms | cpu ms | x layer dropless | x its floor "
+        "| x its floor (cpu) | dropped | peak MiB/rank (params + step) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, result in impls.items():
         if name.startswith(("breakdown", "floor")):
@@ -56,20 +57,20 @@ def compare_table(case: dict) -> list[str]:
         setting = name.removeprefix("layer ")
         outcome = layers.get(setting, {}) if name.startswith("layer") else {}
         floor = f"{outcome['layer / floor']:.2f}" if "layer / floor" in outcome else ""
+        floor_cpu = f"{outcome['layer / floor (cpu)']:.2f}" if "layer / floor (cpu)" in outcome else ""
         dropped = f"{outcome['dropped_fraction']:.1%}" if outcome else ""
         relative = f"{ms['total'] / base:.2f}" if base else ""
         lines.append(
-            f"| {name} | {ms['fwd']:.0f} | {ms['bwd']:.0f} | {ms['total']:.0f} | {relative} | {floor} "
-            f"| {dropped} | {peak(result)} |"
+            f"| {name} | {ms['fwd']:.0f} | {ms['bwd']:.0f} | {ms['total']:.0f} | {ms.get('cpu', 0):.0f} "
+            f"| {relative} | {floor} | {floor_cpu} | {dropped} | {peak(result)} |"
         )
     for name, result in impls.items():
         if name.startswith("floor"):
             ms = result["ms"]
+            relative = f"{ms['total'] / base:.2f}" if base else ""
             lines.append(
-                f"| {name} | {ms['fwd']:.0f} | {ms['bwd']:.0f} | {ms['total']:.0f} "
-                f"| {ms['total'] / base:.2f} | 1 | | {peak(result)} |"
-                if base
-                else f"| {name} | {ms['fwd']:.0f} | {ms['bwd']:.0f} | {ms['total']:.0f} | | 1 | | |"
+                f"| {name} | {ms['fwd']:.0f} | {ms['bwd']:.0f} | {ms['total']:.0f} | {ms.get('cpu', 0):.0f} "
+                f"| {relative} | 1 | 1 | | {peak(result)} |"
             )
     return lines
 
@@ -104,7 +105,9 @@ def exchange_lines(case: dict) -> list[str]:
             lines.append(
                 f"| {shape_of(case)} | {case['case']['skew']} | {name} | {mib:.1f} "
                 f"| {ex['layer_seconds'] * 1e3:.0f} "
-                f"| {ex['layer_gb_per_s']:.2f} | {ex['plain_gb_per_s']:.2f} | {ex['efficiency']:.2f} |"
+                f"| {ex['layer_gb_per_s']:.2f} | {ex['plain_gb_per_s']:.2f} | {ex['efficiency']:.2f} "
+                f"| {ex.get('plain_same_splits_gb_per_s', float('nan')):.2f} "
+                f"| {ex.get('efficiency_same_splits', float('nan')):.2f} |"
             )
     return lines
 
@@ -112,9 +115,9 @@ def exchange_lines(case: dict) -> list[str]:
 def sweep_table(cases: list[dict]) -> list[str]:
     """One row per case and layer setting: layer, floor, peers, the phase shares."""
     lines = [
-        "| shape | setting | layer ms | floor ms | layer / floor | loop ms | fairscale ms "
-        "| routing % | permutation % | all-to-all % |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| shape | setting | layer ms | floor ms | layer / floor | layer / floor (cpu) | loop ms "
+        "| fairscale ms | routing % | permutation % | all-to-all % |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for case in cases:
         impls = case["impls"]
@@ -136,6 +139,7 @@ def sweep_table(cases: list[dict]) -> list[str]:
             lines.append(
                 f"| {shape_of(case)} | {name} | {total:.0f} | {floor['ms']['total'] if floor else 0:.0f} "
                 f"| {outcome.get('layer / floor', float('nan')):.2f} "
+                f"| {outcome.get('layer / floor (cpu)', float('nan')):.2f} "
                 f"| {loop['ms']['total'] if loop else float('nan'):.0f} "
                 f"| {fair['ms']['total'] if fair else float('nan'):.0f} | " + " | ".join(shares) + " |"
             )
@@ -173,20 +177,26 @@ def skew_table(cases: list[dict]) -> list[str]:
 
 
 def weak_scaling(reports: list[dict]) -> list[str]:
-    """Layer dropless time per shape and rank count; efficiency t1 / tP."""
-    times: dict[str, dict[int, float]] = {}
+    """Layer dropless time per shape and rank count; efficiency t1 / tP, wall-clock and CPU time."""
+    times: dict[str, dict[int, tuple[float, float]]] = {}
     for report in reports:
         for case in report["cases"]:
             layer = case["impls"].get("layer dropless")
             if layer and case["case"]["skew"] == "router":
-                times.setdefault(shape_of(case), {})[case["ranks"]] = layer["ms"]["total"]
-    lines = ["| shape | ranks | layer dropless ms | efficiency t1 / tP |", "|---|---|---|---|"]
+                ms = layer["ms"]
+                times.setdefault(shape_of(case), {})[case["ranks"]] = (ms["total"], ms.get("cpu", math.nan))
+    lines = [
+        "| shape | ranks | layer dropless ms | efficiency t1 / tP | cpu ms (busiest rank) | cpu t1 / tP |",
+        "|---|---|---|---|---|---|",
+    ]
     for shape, by_ranks in times.items():
         if len(by_ranks) < 2 or 1 not in by_ranks:
             continue
+        wall1, cpu1 = by_ranks[1]
         for ranks in sorted(by_ranks):
+            wall, cpu = by_ranks[ranks]
             lines.append(
-                f"| {shape} | {ranks} | {by_ranks[ranks]:.0f} | {by_ranks[1] / by_ranks[ranks]:.2f} |"
+                f"| {shape} | {ranks} | {wall:.0f} | {wall1 / wall:.2f} | {cpu:.0f} | {cpu1 / cpu:.2f} |"
             )
     return lines if len(lines) > 2 else []
 
@@ -290,9 +300,9 @@ def main(argv: list[str]) -> int:
         if exchange:
             print(
                 "| shape | skew | setting | MiB sent per rank per step | layer ms in exchanges | layer GB/s "
-                "| plain all_to_all_single GB/s | efficiency |"
+                "| plain even GB/s | efficiency | plain same splits GB/s | efficiency |"
             )
-            print("|---|---|---|---|---|---|---|---|")
+            print("|---|---|---|---|---|---|---|---|---|---|")
             print("\n".join(exchange), "\n")
     weak = weak_scaling(reports)
     if weak:

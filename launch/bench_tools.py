@@ -167,19 +167,25 @@ def forced_expert_ids(skew: str, tokens: int, num_experts: int, top_k: int, gene
     return torch.multinomial(weights_E.expand(tokens, num_experts), top_k, generator=generator)
 
 
-def plain_all_to_all_seconds(bytes_per_rank: int, group=None, repeats: int = 5) -> float:
-    """Median seconds of one all_to_all_single of fp32 in which each rank sends `bytes_per_rank`
-    to the other ranks, in equal parts, and nothing to itself (the slowest rank's, after a barrier)."""
-    size, rank = dist.get_world_size(group), dist.get_rank(group)
-    per_peer = math.ceil(bytes_per_rank / 4 / max(size - 1, 1))
-    splits = [0 if peer == rank else per_peer for peer in range(size)]
-    send, recv = torch.ones(sum(splits)), torch.empty(sum(splits))
+def plain_all_to_all_seconds(
+    send_splits: list[int], recv_splits: list[int], group=None, repeats: int = 5
+) -> float:
+    """Median seconds of one all_to_all_single of fp32 with these splits (elements per rank):
+    the slowest rank's, after a barrier."""
+    send, recv = torch.ones(sum(send_splits)), torch.empty(sum(recv_splits))
     times = []
     for _ in range(repeats + 1):
         dist.barrier(group)
         start = time.perf_counter()
-        dist.all_to_all_single(recv, send, splits, splits, group=group)
+        dist.all_to_all_single(recv, send, recv_splits, send_splits, group=group)
         seconds = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
         dist.all_reduce(seconds, op=dist.ReduceOp.MAX, group=group)
         times.append(float(seconds))
     return statistics.median(times[1:])
+
+
+def even_splits(elements: int, group=None) -> list[int]:
+    """`elements` spread evenly over the other ranks of the group, none to this rank."""
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    per_peer = math.ceil(elements / max(size - 1, 1))
+    return [0 if peer == rank else per_peer for peer in range(size)]

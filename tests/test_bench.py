@@ -108,7 +108,7 @@ def test_bf16_mode_reports_the_ratio_and_the_difference_against_fp32():
 def test_report_tables_from_a_sweep_and_weak_scaling():
     def case(tokens: int, ranks: int, ms: float) -> dict:
         timing = {
-            "ms": {"fwd": ms / 2, "bwd": ms / 2, "total": ms},
+            "ms": {"fwd": ms / 2, "bwd": ms / 2, "total": ms, "cpu": ms * 0.9},
             "step_peak_mib": [1.0],
             "params_mib": 1.0,
         }
@@ -127,5 +127,5 @@ def test_report_tables_from_a_sweep_and_weak_scaling():
         bench_report.sweep_table(one["cases"])
     )
     weak = "\n".join(bench_report.weak_scaling([one, two]))
-    assert "| T 1024, E 8, H 64, top-2 | 2 | 12 | 0.80 |" in weak
-    assert "| T 4096, E 8, H 64, top-2 | 2 | 44 | 0.91 |" in weak
+    assert "| T 1024, E 8, H 64, top-2 | 2 | 12 | 0.80 | 11 | 0.80 |" in weak
+    assert "| T 4096, E 8, H 64, top-2 | 2 | 44 | 0.91 | 40 | 0.91 |" in weak
