@@ -134,6 +134,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         f"the output and gradient difference against fp32; default sizes then {BF16_SIZES}",
     )
     parser.add_argument(
+        "--dispatch",
+        choices=("per_assignment", "once_per_rank"),
+        default="per_assignment",
+        help="MoEConfig.dispatch of the layer (the breakdown follows per_assignment only)",
+    )
+    parser.add_argument(
         "--threads", type=int, default=1, help="torch threads per rank (torchrun sets 1 only for 2+ ranks)"
     )
     parser.add_argument("--no-memory", action="store_true", help="skip the memory pass")
@@ -417,7 +423,9 @@ def run_case(args: argparse.Namespace, tokens: int, experts: int, hidden: int, t
     steps, settings, notes, params = {}, {}, [], {}
     for factor in args.capacity:
         name = setting_name(factor)
-        config = ep.MoEConfig(**shape, capacity_factor=factor, activation="relu", bias=True)
+        config = ep.MoEConfig(
+            **shape, capacity_factor=factor, activation="relu", bias=True, dispatch=args.dispatch
+        )
         torch.manual_seed(0)
         layer = ep.MoELayer(config, group=dist.group.WORLD)
         layer.experts.gemm = args.gemm
@@ -430,7 +438,7 @@ def run_case(args: argparse.Namespace, tokens: int, experts: int, hidden: int, t
             steps[f"layer {name}"] = layer_step(layer, x_TD, upstream_TO)
         if "floor" in args.impls:
             steps[f"floor {name}"] = floor_step(rows_here, config, generator)
-        if "breakdown" in args.impls:
+        if "breakdown" in args.impls and args.dispatch == "per_assignment":
             steps[f"breakdown {name}"] = instrumented_step(layer, x_TD, upstream_TO)
         if args.dtype == "bf16":
             settings[name]["bf16_vs_fp32"] = bf16_difference(layer, x_TD, upstream_TO)
@@ -774,7 +782,7 @@ def main(argv: list[str]) -> int:
         say(
             f"D {args.d_model}, relu experts with biases, fp32"
             f"{' and bf16 autocast' if args.dtype == 'bf16' else ''}, gemm {args.gemm}; "
-            f"impls {','.join(args.impls)}; "
+            f"impls {','.join(args.impls)}; dispatch {args.dispatch}; "
             f"capacity {','.join(setting_name(f) for f in args.capacity)}; "
             f"{args.warmup} warmup + {args.steps} timed rounds"
         )
