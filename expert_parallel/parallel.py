@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from . import comm
 from .layer import MoELayer
 
 
@@ -117,18 +118,6 @@ def sum_gradients(model: nn.Module, layout: Layout) -> None:
     experts = expert_parameters(model) if layout.ep > 1 else set()
     dense = [p.grad for p in params if id(p) not in experts]
     sharded = [p.grad for p in params if id(p) in experts]
-    _all_reduce_flat(dense, None)
+    comm.sum_tensors(dense, dist.group.WORLD, "dense gradient sum")
     if layout.dp_group is not None:
-        _all_reduce_flat(sharded, layout.dp_group)
-
-
-def _all_reduce_flat(grads: list[torch.Tensor], group: dist.ProcessGroup | None) -> None:
-    """One all-reduce (sum) over a flat copy of `grads`, instead of one per tensor."""
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=group)
-    offset = 0
-    for grad in grads:
-        grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
-        offset += grad.numel()
+        comm.sum_tensors(sharded, layout.dp_group, "expert gradient sum over dp")

@@ -8,13 +8,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import MoEConfig
-from .experts import uniform_
-
-_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "swiglu": F.silu}
+from .experts import _ACTIVATIONS, uniform_
 
 
 class SharedExperts(nn.Module):

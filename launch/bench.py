@@ -67,6 +67,7 @@ from launch.bench_tools import (
     plain_all_to_all_seconds,
     return_freed_memory,
     rss_peak,
+    timed_step,
     trim,
 )
 
@@ -254,18 +255,11 @@ def memory_pass(steps: dict, keep_after: bool) -> dict[str, list[float]]:
 def layer_step(layer: ep.MoELayer, x_TD: torch.Tensor, upstream_TO: torch.Tensor, bf16: bool = False):
     """Forward (under bf16 autocast with `bf16`) and backward of the layer; grads dropped after."""
 
-    def step() -> dict[str, float]:
-        start = time.perf_counter()
+    def forward() -> torch.Tensor:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = (layer(x_TD) * upstream_TO).sum() + layer.aux_loss
-        middle = time.perf_counter()
-        loss.backward()
-        seconds = {"fwd": middle - start, "bwd": time.perf_counter() - middle}
-        layer.zero_grad(set_to_none=True)
-        x_TD.grad = None
-        return seconds
+            return (layer(x_TD) * upstream_TO).sum() + layer.aux_loss
 
-    return step
+    return timed_step(forward, drop=(layer, x_TD))
 
 
 def rows_computed_here(layer: ep.MoELayer) -> int:
@@ -288,19 +282,12 @@ def floor_step(num_rows: int, config: ep.MoEConfig, generator: torch.Generator, 
     w1_DH, b1_H, w2_HO, b2_O, x_SD = param(d, h), param(h), param(h, o), param(o), param(num_rows, d)
     upstream_SO = torch.randn(num_rows, o, generator=generator)
 
-    def step() -> dict[str, float]:
-        start = time.perf_counter()
+    def forward() -> torch.Tensor:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             h_SH = torch.relu(torch.addmm(b1_H, x_SD, w1_DH))
-            loss = (torch.addmm(b2_O, h_SH, w2_HO) * upstream_SO).sum()
-        middle = time.perf_counter()
-        loss.backward()
-        seconds = {"fwd": middle - start, "bwd": time.perf_counter() - middle}
-        for tensor in (w1_DH, b1_H, w2_HO, b2_O, x_SD):
-            tensor.grad = None
-        return seconds
+            return (torch.addmm(b2_O, h_SH, w2_HO) * upstream_SO).sum()
 
-    return step
+    return timed_step(forward, drop=(w1_DH, b1_H, w2_HO, b2_O, x_SD))
 
 
 def instrumented_step(layer: ep.MoELayer, x_TD: torch.Tensor, upstream_TO: torch.Tensor):

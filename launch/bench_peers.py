@@ -19,13 +19,11 @@ experts, K top-k, C capacity, P ranks.
 
 from __future__ import annotations
 
-import time
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from launch.bench_tools import PhaseTape
+from launch.bench_tools import PhaseTape, timed_step
 
 PHASES = ("routing", "permutation", "all-to-all", "experts", "combine", "loss")
 
@@ -56,17 +54,7 @@ class SimpleMoE(nn.Module):
 
 
 def simple_moe_step(model: SimpleMoE, x_TD: torch.Tensor, upstream_TD: torch.Tensor):
-    def step() -> dict[str, float]:
-        start = time.perf_counter()
-        loss = (model(x_TD) * upstream_TD).sum()
-        middle = time.perf_counter()
-        loss.backward()
-        seconds = {"fwd": middle - start, "bwd": time.perf_counter() - middle}
-        model.zero_grad(set_to_none=True)
-        x_TD.grad = None
-        return seconds
-
-    return step
+    return timed_step(lambda: (model(x_TD) * upstream_TD).sum(), drop=(model, x_TD))
 
 
 def fairscale_missing() -> str | None:
@@ -106,17 +94,7 @@ def fairscale_input(layer, x_TD: torch.Tensor) -> torch.Tensor:
 def fairscale_step(layer, x_TD: torch.Tensor, upstream_TD: torch.Tensor):
     x_sTD, upstream_sTD = fairscale_input(layer, x_TD), fairscale_input(layer, upstream_TD)
 
-    def step() -> dict[str, float]:
-        start = time.perf_counter()
-        loss = (layer(x_sTD) * upstream_sTD).sum() + layer.l_aux
-        middle = time.perf_counter()
-        loss.backward()
-        seconds = {"fwd": middle - start, "bwd": time.perf_counter() - middle}
-        layer.zero_grad(set_to_none=True)
-        x_TD.grad = None
-        return seconds
-
-    return step
+    return timed_step(lambda: (layer(x_sTD) * upstream_sTD).sum() + layer.l_aux, drop=(layer, x_TD))
 
 
 def fairscale_instrumented_step(layer, x_TD: torch.Tensor, upstream_TD: torch.Tensor):

@@ -10,7 +10,7 @@ import math
 import statistics
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import psutil
@@ -136,6 +136,26 @@ def return_freed_memory() -> bool:
     ok = ok and libc.mallopt(_M_TRIM_THRESHOLD, 128 * 1024)
     libc.malloc_trim(0)
     return bool(ok)
+
+
+def timed_step(forward: Callable[[], torch.Tensor], drop: tuple) -> Callable[[], dict[str, float]]:
+    """A step that runs `forward()` to a scalar loss and its backward, timing each; then drops the
+    gradients of `drop` (modules: zero_grad(set_to_none=True); tensors: .grad = None)."""
+
+    def step() -> dict[str, float]:
+        start = time.perf_counter()
+        loss = forward()
+        middle = time.perf_counter()
+        loss.backward()
+        seconds = {"fwd": middle - start, "bwd": time.perf_counter() - middle}
+        for item in drop:
+            if isinstance(item, torch.nn.Module):
+                item.zero_grad(set_to_none=True)
+            else:
+                item.grad = None
+        return seconds
+
+    return step
 
 
 def trim() -> None:

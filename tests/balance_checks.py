@@ -119,10 +119,9 @@ def check_selection_bias_stays_equal(checks: Checks, group) -> None:
 
 
 def main() -> int:
-    ep.init_distributed(timeout=timedelta(seconds=60))
-    rank, world = dist.get_rank(), dist.get_world_size()
-    checks = Checks()
-    try:
+    with ep.distributed(timeout=timedelta(seconds=60)):
+        rank, world = dist.get_rank(), dist.get_world_size()
+        checks = Checks()
         # Pairs of ranks share out the experts (ep = 2); statistics are summed over the world.
         pairs = [dist.new_group([r, r + 1]) for r in range(0, world, 2)]
         pair = pairs[rank // 2]
@@ -133,8 +132,6 @@ def main() -> int:
         check_global_batch_aux(checks, "global-batch aux, no ep, stats over the world", None, micro_batches=2)
         check_selection_bias_stays_equal(checks, dist.group.WORLD)
         return checks.verdict(rank)
-    finally:
-        ep.shutdown()
 
 
 if __name__ == "__main__":

@@ -164,12 +164,11 @@ def check_block(kind: str, dispatch: str, group, failures: list[str], measured: 
 def main() -> int:
     import expert_parallel as ep
 
-    ep.init_distributed(timeout=timedelta(seconds=60))
-    group = dist.group.WORLD
-    rank = dist.get_rank()
-    failures: list[str] = []
-    measured: dict[str, float] = {}
-    try:
+    with ep.distributed(timeout=timedelta(seconds=60)):
+        group = dist.group.WORLD
+        rank = dist.get_rank()
+        failures: list[str] = []
+        measured: dict[str, float] = {}
         for kind in KINDS:
             for dispatch in DISPATCHES:
                 try:
@@ -187,11 +186,6 @@ def main() -> int:
             print(f"rank {rank}: {kind}: output max |diff| {output:.2g}, grads {grads:.2g}", flush=True)
         print(f"rank {rank}: {len(measured)} comparisons, {len(failures)} failures", flush=True)
         return 1 if int(failed) else 0
-    except BaseException:
-        ep.shutdown(barrier=False)  # a rank failing alone must not wait for peers that wait for it
-        raise
-    finally:
-        ep.shutdown()  # no-op after the line above
 
 
 if __name__ == "__main__":

@@ -225,43 +225,38 @@ def check_checkpoint(checks: Checks, config: ep.MoEConfig, placement, other, dir
 
 
 def main() -> int:
-    ep.init_distributed(timeout=timedelta(seconds=60))
-    rank, world = dist.get_rank(), dist.get_world_size()
-    directory = Path(sys.argv[1])
-    checks = Checks()
-    try:
-        base = ep.MoEConfig(d_model=12, d_hidden=16, num_experts=8, top_k=2, aux_loss_coef=0.01)
-        r_p, r_2p = balance(ZIPF_E, world, world), balance(ZIPF_E, world, 2 * world)
-        cases = [
-            ("dropless top-2, R = P", base, r_p, False),
-            ("dropless top-2, R = 2P, zipf forced routing", base, r_2p, True),
-            (
-                "capacity 1.0, swiglu, R = 2P",
-                replace(base, capacity_factor=1.0, min_capacity=1, activation="swiglu"),
-                r_2p,
-                False,
-            ),
-            (
-                "once per rank top-3, R = P, zipf forced",
-                replace(base, top_k=3, dispatch="once_per_rank"),
-                r_p,
-                True,
-            ),
-        ]
-        for seed, (name, config, placement, forced) in enumerate(cases):
-            check_equals_reference(checks, name, config, placement, seed + 1, forced)
-        check_balance_under_zipf(checks)
-        check_apply_placement(checks, base, r_p, r_2p)
-        check_checkpoint(checks, replace(base, activation="swiglu"), r_2p, r_p, directory)
-        return checks.verdict(rank)
-    except Exception:
-        traceback.print_exc()
-        return 1
-    except BaseException:
-        ep.shutdown(barrier=False)
-        raise
-    finally:
-        ep.shutdown()
+    with ep.distributed(timeout=timedelta(seconds=60)):
+        rank, world = dist.get_rank(), dist.get_world_size()
+        directory = Path(sys.argv[1])
+        checks = Checks()
+        try:
+            base = ep.MoEConfig(d_model=12, d_hidden=16, num_experts=8, top_k=2, aux_loss_coef=0.01)
+            r_p, r_2p = balance(ZIPF_E, world, world), balance(ZIPF_E, world, 2 * world)
+            cases = [
+                ("dropless top-2, R = P", base, r_p, False),
+                ("dropless top-2, R = 2P, zipf forced routing", base, r_2p, True),
+                (
+                    "capacity 1.0, swiglu, R = 2P",
+                    replace(base, capacity_factor=1.0, min_capacity=1, activation="swiglu"),
+                    r_2p,
+                    False,
+                ),
+                (
+                    "once per rank top-3, R = P, zipf forced",
+                    replace(base, top_k=3, dispatch="once_per_rank"),
+                    r_p,
+                    True,
+                ),
+            ]
+            for seed, (name, config, placement, forced) in enumerate(cases):
+                check_equals_reference(checks, name, config, placement, seed + 1, forced)
+            check_balance_under_zipf(checks)
+            check_apply_placement(checks, base, r_p, r_2p)
+            check_checkpoint(checks, replace(base, activation="swiglu"), r_2p, r_p, directory)
+            return checks.verdict(rank)
+        except Exception:
+            traceback.print_exc()
+            return 1
 
 
 if __name__ == "__main__":
