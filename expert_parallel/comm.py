@@ -114,6 +114,90 @@ def all_to_all(
     return _AllToAll.apply(x, output_splits, input_splits, group, what, clock or ExchangeClock())
 
 
+class Exchange:
+    """An all-to-all in flight, between `start_all_to_all` and `finish_all_to_all`, in both directions.
+
+    Forward: start launches the exchange (async) and finish waits for it.
+    Backward runs the two the other way round: finish's backward launches
+    the reverse exchange of the incoming gradient and start's backward waits
+    for it, so that autograd nodes run in between (another chunk's expert
+    backward) overlap with it. Holds the work handle only while it is in flight.
+    """
+
+    def __init__(self, output_splits: list[int], input_splits: list[int], group, what: str, clock):
+        self.output_splits, self.input_splits = output_splits, input_splits
+        self.group, self.what, self.clock = group, what, clock
+        self.work = None
+        self.grad_in: Tensor | None = None  # the backward's reverse exchange's output
+
+    def launch(self, out: Tensor, x: Tensor, output_splits: list[int], input_splits: list[int], way: str):
+        with _naming_failures(f"MoE all-to-all ({self.what}, {way})", self.group), self.clock.timing():
+            self.work = dist.all_to_all_single(
+                out, x.contiguous(), output_splits, input_splits, group=self.group, async_op=True
+            )
+
+    def wait(self, way: str) -> None:
+        with _naming_failures(f"MoE all-to-all ({self.what}, {way})", self.group), self.clock.timing():
+            work, self.work = self.work, None
+            work.wait()
+
+
+class _StartAllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, exchange: Exchange) -> Tensor:
+        ctx.exchange = exchange
+        out = x.new_empty((sum(exchange.output_splits), *x.shape[1:]))
+        exchange.launch(out, x, exchange.output_splits, exchange.input_splits, "forward")
+        return out
+
+    @staticmethod
+    def backward(ctx, _grad_buffer: Tensor):
+        exchange = ctx.exchange
+        exchange.wait("backward")
+        grad_in, exchange.grad_in = exchange.grad_in, None
+        return grad_in, None
+
+
+class _FinishAllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, out: Tensor, exchange: Exchange) -> Tensor:
+        ctx.exchange = exchange
+        exchange.wait("forward")
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        exchange = ctx.exchange
+        grad_in = grad_out.new_empty((sum(exchange.input_splits), *grad_out.shape[1:]))
+        exchange.launch(grad_in, grad_out, exchange.input_splits, exchange.output_splits, "backward")
+        # NOTE: start's backward returns grad_in once filled; the buffer's own gradient
+        # is only the edge that runs it (nothing else reads the buffer).
+        exchange.grad_in = grad_in
+        return grad_out, None
+
+
+def start_all_to_all(
+    x: Tensor,
+    output_splits: list[int],
+    input_splits: list[int],
+    group,
+    what: str = "tokens",
+    clock: ExchangeClock | None = None,
+) -> tuple[Tensor, Exchange]:
+    """Launch `all_to_all` without waiting: (the output buffer, the exchange to finish).
+
+    Read the buffer only through `finish_all_to_all(buffer, exchange)`. Every
+    rank of the group must start (and finish) its exchanges in the same order.
+    """
+    exchange = Exchange(output_splits, input_splits, group, what, clock or ExchangeClock())
+    return _StartAllToAll.apply(x, exchange), exchange
+
+
+def finish_all_to_all(buffer: Tensor, exchange: Exchange) -> Tensor:
+    """Wait for an exchange from `start_all_to_all`; its received rows (differentiable)."""
+    return _FinishAllToAll.apply(buffer, exchange)
+
+
 def gather_counts(
     rows_per_expert_E: Tensor, status: list[int], group: dist.ProcessGroup, clock: ExchangeClock | None = None
 ) -> tuple[list[list[int]], list[list[int]]]:

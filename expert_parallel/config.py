@@ -47,7 +47,7 @@ class MoEConfig:
         probabilities or sigmoid scores) for choosing experts only; the weights
         use the unbiased scores (DeepSeek-V3's auxiliary-loss-free balancing).
     selection_bias_rate: u in bias += u * sign(mean load - load), applied by
-        `MoELayer.update_selection_bias()` after each optimizer step (0: frozen).
+        `MoELayer.after_optimizer_step()` after each optimizer step (0: frozen).
     num_groups, group_topk: group-limited routing (DeepSeek-V2/V3). Experts
         form num_groups contiguous groups; a token keeps the group_topk groups
         with the highest sum of their two best scores, then picks its top_k
@@ -63,6 +63,12 @@ class MoEConfig:
         "per_assignment" (each kept (token, expert) pair) or "once_per_rank"
         (each token once per destination rank, expanded to its experts there,
         whose weighted outputs are summed there and sent back as one row).
+    exchange_chunks: under "per_assignment" dispatch, each rank's local
+        experts form this many chunks (at most one per local expert), whose
+        all-to-alls and expert GEMMs are pipelined: chunk c's experts compute
+        while chunk c + 1's rows travel, forward and backward. 1: no overlap.
+        Each expert sees the same rows in the same order whatever the count,
+        so outputs and gradients are bitwise equal for any value.
 
     Defaults follow the modern dropless top-2 softmax router (Mixtral-like
     routing, SimpleMoE-like experts): see README "Configuration".
@@ -96,6 +102,7 @@ class MoEConfig:
     router_jitter: float = 0.0
     eval_capacity_factor: float | None = None
     dispatch: str = "per_assignment"
+    exchange_chunks: int = 1
 
     def __post_init__(self) -> None:
         for name in ("d_model", "d_hidden", "num_experts", "top_k"):
@@ -113,6 +120,12 @@ class MoEConfig:
         _check_choice("activation", self.activation, ACTIVATIONS)
         _check_choice("aux_loss_scope", self.aux_loss_scope, AUX_LOSS_SCOPES)
         _check_choice("dispatch", self.dispatch, DISPATCH_MODES)
+        _check_int("exchange_chunks", self.exchange_chunks, minimum=1)
+        if self.exchange_chunks > 1 and self.dispatch != "per_assignment":
+            raise ValueError(
+                f"MoEConfig.exchange_chunks={self.exchange_chunks} needs dispatch='per_assignment' "
+                f"(once_per_rank rows carry several experts each, so they cannot be chunked by expert)"
+            )
         self._check_routing_features()
         for name in ("normalize_weights", "bias", "router_bias", "selection_bias", "shared_expert_gate"):
             if not isinstance(getattr(self, name), bool):

@@ -54,9 +54,32 @@ def plan_dispatch(routing: Routing) -> DispatchPlan:
     return DispatchPlan(slot_R, slot_R // top_k, row_N, rows_per_expert, num_tokens, top_k)
 
 
+class _Permute(torch.autograd.Function):
+    """x_TD[token_R]; the backward sums each token's K slot gradients in slot order.
+
+    NOTE: index_select's own backward scatter-adds in row order, so a token's
+    gradient would depend on how rows are ordered (by expert, by chunk) once
+    K >= 3; gathering by slot makes it the same for every order, and
+    deterministic on every device (no atomics), like `combine`.
+    """
+
+    @staticmethod
+    def forward(ctx, x_TD: Tensor, plan: DispatchPlan) -> Tensor:
+        ctx.plan = plan
+        return x_TD.index_select(0, plan.token_R)
+
+    @staticmethod
+    def backward(ctx, grad_RD: Tensor):
+        plan = ctx.plan
+        if plan.num_rows < plan.num_tokens * plan.top_k:
+            grad_RD = F.pad(grad_RD, (0, 0, 0, 1))  # the zero row that dropped slots point at
+        grad_TKD = grad_RD.index_select(0, plan.row_N).view(plan.num_tokens, plan.top_k, grad_RD.shape[1])
+        return grad_TKD.sum(dim=1), None
+
+
 def permute(x_TD: Tensor, plan: DispatchPlan) -> Tensor:
     """[T, D] tokens -> [R, D] rows grouped by expert (a token appears once per kept choice)."""
-    return x_TD.index_select(0, plan.token_R)
+    return _Permute.apply(x_TD, plan)
 
 
 def combine(y_RO: Tensor, weights_TK: Tensor, plan: DispatchPlan) -> Tensor:

@@ -180,8 +180,9 @@ class MoELayer(nn.Module):
             out_TO, rows_away = self._run_once_per_rank(x_TD, expert_routing, rank_plan, rows_PP)
         else:
             rows_PE, _ = self._gather_counts(x, expert_routing, problem)
-            plan = plan_dispatch(expert_routing)
-            y_RO, rows_away = self._run_on_owners(permute(x_TD, plan), plan, rows_PE)
+            bounds = _chunk_bounds(self.num_local_experts, config.exchange_chunks)
+            plan = plan_dispatch(_chunk_major(expert_routing, bounds, self.group_size))
+            y_RO, rows_away = self._run_on_owners(permute(x_TD, plan), plan, rows_PE, bounds)
             out_TO = combine(y_RO, routing.weights, plan)
         if self.shared_experts is not None:
             out_TO = out_TO + self.shared_experts(x_TD)
@@ -313,24 +314,46 @@ class MoELayer(nn.Module):
             )
 
     def _run_on_owners(
-        self, x_RD: Tensor, plan: DispatchPlan, rows_PE: list[list[int]]
+        self, x_RD: Tensor, plan: DispatchPlan, rows_PE: list[list[int]], bounds: list[tuple[int, int]]
     ) -> tuple[Tensor, int]:
-        """Send rows to the ranks owning their experts, run them there, bring the outputs back."""
-        size, e = self.group_size, self.num_local_experts
-        rows_from_Pe = [row[self.first_expert : self.first_expert + e] for row in rows_PE]
-        send_splits = [sum(plan.rows_per_expert[p * e : (p + 1) * e]) for p in range(size)]
-        recv_splits = [sum(row) for row in rows_from_Pe]
-        x_SD = comm.all_to_all(x_RD, recv_splits, send_splits, self.group, "dispatch", self.exchange_clock)
-        rows_per_local_expert = [sum(column) for column in zip(*rows_from_Pe)]
-        if e == 1:
-            y_SO = self.experts(x_SD, rows_per_local_expert)
-        else:
-            by_expert_S = source_to_expert_order(rows_from_Pe, x_SD.device)
-            by_source_S = inverse_permutation(by_expert_S)
-            y_SO = self.experts(permute_rows(x_SD, by_expert_S, by_source_S), rows_per_local_expert)
-            y_SO = permute_rows(y_SO, by_source_S, by_expert_S)
-        y_RO = comm.all_to_all(y_SO, send_splits, recv_splits, self.group, "combine", self.exchange_clock)
-        return y_RO, plan.num_rows - send_splits[self.rank]
+        """Send rows to the ranks owning their experts, run them there, bring the outputs back.
+
+        In chunks of local experts `bounds` ([a, b) each; x_RD's rows grouped
+        chunk-major, see _chunk_major): every chunk's dispatch starts at once,
+        then chunk c's experts run as soon as its rows have arrived and its
+        outputs start back while chunk c + 1's experts run.
+        """
+        size, first, tag = self.group_size, self.first_expert, self.exchange_clock
+        rows_per_block = iter(plan.rows_per_expert)  # (chunk, destination rank, local expert)
+        chunks = []
+        for a, b in bounds:
+            send = [sum(next(rows_per_block) for _ in range(b - a)) for _ in range(size)]
+            rows_from_Pj = [row[first + a : first + b] for row in rows_PE]
+            chunks.append((a, b, send, rows_from_Pj, [sum(row) for row in rows_from_Pj]))
+        x_parts = x_RD.split([sum(send) for _, _, send, _, _ in chunks])
+        arriving = [
+            comm.start_all_to_all(x_cD, recv, send, self.group, "dispatch", tag)
+            for x_cD, (_, _, send, _, recv) in zip(x_parts, chunks)
+        ]
+        returning = []
+        for (a, b, send, rows_from_Pj, recv), started in zip(chunks, arriving):
+            y_SO = self._run_chunk(comm.finish_all_to_all(*started), rows_from_Pj, a, b)
+            returning.append(comm.start_all_to_all(y_SO, send, recv, self.group, "combine", tag))
+        y_parts = [comm.finish_all_to_all(*started) for started in returning]
+        y_RO = y_parts[0] if len(y_parts) == 1 else torch.cat(y_parts)
+        rows_to_self = sum(send[self.rank] for _, _, send, _, _ in chunks)
+        return y_RO, plan.num_rows - rows_to_self
+
+    def _run_chunk(self, x_SD: Tensor, rows_from_Pj: list[list[int]], a: int, b: int) -> Tensor:
+        """Local experts a..b-1 over the rows received for them, in the order they came (source-major)."""
+        e = self.num_local_experts
+        rows_per_local_expert = [0] * a + [sum(column) for column in zip(*rows_from_Pj)] + [0] * (e - b)
+        if b - a == 1:
+            return self.experts(x_SD, rows_per_local_expert)
+        by_expert_S = source_to_expert_order(rows_from_Pj, x_SD.device)
+        by_source_S = inverse_permutation(by_expert_S)
+        y_SO = self.experts(permute_rows(x_SD, by_expert_S, by_source_S), rows_per_local_expert)
+        return permute_rows(y_SO, by_source_S, by_expert_S)
 
     def _run_once_per_rank(
         self, x_TD: Tensor, routing: Routing, plan: RankDispatchPlan, rows_PP: list[list[int]]
@@ -507,6 +530,34 @@ def _to_physical(
     tokens_per_physical.scatter_add_(0, physical_N, keep_N.long())
     return replace(
         routing, expert_ids=physical_N.view_as(routing.expert_ids), tokens_per_expert=tokens_per_physical
+    )
+
+
+def _chunk_bounds(num_local_experts: int, chunks: int) -> list[tuple[int, int]]:
+    """[a, b) local expert ranges of `chunks` near-equal chunks (at most one per expert)."""
+    n = min(chunks, num_local_experts)
+    return [(c * num_local_experts // n, (c + 1) * num_local_experts // n) for c in range(n)]
+
+
+def _chunk_major(routing: Routing, bounds: list[tuple[int, int]], size: int) -> Routing:
+    """`routing` with expert ids renumbered so that sorting by id groups rows by
+    (chunk, destination rank, local expert): each chunk's rows are then one
+    contiguous all-to-all input. With one chunk the order is the experts' own.
+
+    Example, 2 ranks of 4 local experts, bounds [(0, 2), (2, 4)]: global
+    experts in the order 0 1 4 5 2 3 6 7, so expert 4 gets id 2.
+    """
+    if len(bounds) == 1:
+        return routing
+    e = bounds[-1][1]
+    order = [p * e + j for a, b in bounds for p in range(size) for j in range(a, b)]
+    device = routing.expert_ids.device
+    order_E = torch.tensor(order, device=device)
+    position_E = inverse_permutation(order_E)
+    return replace(
+        routing,
+        expert_ids=position_E[routing.expert_ids],
+        tokens_per_expert=routing.tokens_per_expert[order_E],
     )
 
 

@@ -48,6 +48,7 @@ import resource
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import psutil
@@ -141,6 +142,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="MoEConfig.dispatch of the layer (the breakdown follows per_assignment only)",
     )
     parser.add_argument(
+        "--chunks",
+        type=ints,
+        default=[1],
+        help="comma list of MoEConfig.exchange_chunks, each a layer of its own (1: no overlap); "
+        "the floor and breakdown follow the first",
+    )
+    parser.add_argument(
         "--threads", type=int, default=1, help="torch threads per rank (torchrun sets 1 only for 2+ ranks)"
     )
     parser.add_argument("--no-memory", action="store_true", help="skip the memory pass")
@@ -203,7 +211,8 @@ def measure(steps: dict, warmup: int, repeats: int) -> dict[str, list[dict[str, 
     """Per step, its `repeats` timed rounds: {key: [seconds per rank]} for each key of its dict,
     "total" (their sum) and "cpu".
 
-    Each step returns this rank's wall seconds per part. "cpu" is the CPU
+    Each step returns this rank's wall seconds per part ("exchange..." parts
+    repeat time inside other parts, so they stay out of "total"). "cpu" is the CPU
     seconds the rank's process (all its threads, gloo's included) spent in
     the step: on a shared host, time spent waiting for a core is not in it,
     so its ratios hold where wall-clock ones scatter.
@@ -217,7 +226,8 @@ def measure(steps: dict, warmup: int, repeats: int) -> dict[str, list[dict[str, 
             cpu = time.process_time()
             seconds = step()
             cpu = time.process_time() - cpu
-            seconds["total"] = sum(seconds.values())
+            # "exchange ..." keys repeat seconds already in other keys (see PhaseTape's `also`).
+            seconds["total"] = sum(v for k, v in seconds.items() if not k.startswith("exchange"))
             seconds["cpu"] = cpu
             per_rank = gather(list(seconds.values()))
             samples[name].append({key: [row[i] for row in per_rank] for i, key in enumerate(seconds)})
@@ -253,13 +263,26 @@ def memory_pass(steps: dict, keep_after: bool) -> dict[str, list[float]]:
 
 
 def layer_step(layer: ep.MoELayer, x_TD: torch.Tensor, upstream_TO: torch.Tensor, bf16: bool = False):
-    """Forward (under bf16 autocast with `bf16`) and backward of the layer; grads dropped after."""
+    """Forward (under bf16 autocast with `bf16`) and backward of the layer; grads dropped after.
+
+    Also "exchange": the seconds the layer's own clock saw in its collectives,
+    forward and backward; with an overlapped exchange (exchange_chunks > 1)
+    only the part left waiting.
+    """
 
     def forward() -> torch.Tensor:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             return (layer(x_TD) * upstream_TO).sum() + layer.aux_loss
 
-    return timed_step(forward, drop=(layer, x_TD))
+    step = timed_step(forward, drop=(layer, x_TD))
+
+    def step_and_exchange() -> dict[str, float]:
+        layer.exchange_clock.reset()
+        seconds = step()
+        seconds["exchange"] = layer.exchange_clock.reset()
+        return seconds
+
+    return step_and_exchange
 
 
 def rows_computed_here(layer: ep.MoELayer) -> int:
@@ -413,16 +436,21 @@ def run_case(args: argparse.Namespace, tokens: int, experts: int, hidden: int, t
         config = ep.MoEConfig(
             **shape, capacity_factor=factor, activation="relu", bias=True, dispatch=args.dispatch
         )
-        torch.manual_seed(0)
-        layer = ep.MoELayer(config, group=dist.group.WORLD)
-        layer.experts.gemm = args.gemm
-        layer.forced_expert_ids = forced_TK
+        layers = {}  # exchange_chunks -> its layer, the first (args.chunks[0]) the layer of record
+        for chunks in args.chunks:
+            torch.manual_seed(0)
+            layers[chunks] = ep.MoELayer(replace(config, exchange_chunks=chunks), group=dist.group.WORLD)
+            layers[chunks].experts.gemm = args.gemm
+            layers[chunks].forced_expert_ids = forced_TK
+        layer = layers[args.chunks[0]]
         layer_step(layer, x_TD, upstream_TO)()  # untimed: S comes from this forward's routing
         rows_here = rows_computed_here(layer)
         settings[name] = {"layer": layer, "rows_here": rows_here}
-        params[f"layer {name}"] = parameter_mib(layer)
         if "layer" in args.impls:
-            steps[f"layer {name}"] = layer_step(layer, x_TD, upstream_TO)
+            for chunks, chunked in layers.items():
+                key = f"layer {name}" + (f" chunks {chunks}" if chunked is not layer else "")
+                params[key] = parameter_mib(chunked)
+                steps[key] = layer_step(chunked, x_TD, upstream_TO)
         if "floor" in args.impls:
             steps[f"floor {name}"] = floor_step(rows_here, config, generator)
         if "breakdown" in args.impls and args.dispatch == "per_assignment":
@@ -657,6 +685,8 @@ def print_case(args: argparse.Namespace, case: dict) -> None:
                 + f"; bf16 vs fp32: output {diff['output']:.1e}, gradients {diff['gradients']:.1e} "
                 f"(||diff|| / ||fp32||, worst tensor), same experts chosen: {diff['same_experts']}"
             )
+    if len(args.chunks) > 1:
+        print_overlap(args, case)
     if "fairscale" in impls and impls["fairscale"]["step_peak_mib"]:
         fair = impls["fairscale"]
         fair_mib = max(fair["step_peak_mib"]) + fair["params_mib"]
@@ -678,6 +708,26 @@ def print_case(args: argparse.Namespace, case: dict) -> None:
         "ru_maxrss per rank (whole process so far): "
         f"{' '.join(f'{v:.0f}' for v in case['ru_maxrss_mib'])} MiB"
     )
+
+
+def print_overlap(args: argparse.Namespace, case: dict) -> None:
+    """Per setting and chunk count: step time, the exchange time left exposed, the rest, against the first."""
+    impls = case["impls"]
+    say(f"\noverlap (MoEConfig.exchange_chunks; ms, slowest rank, median of {args.steps} rounds):")
+    say(f"{'':<30} {'total':>8} {'exchange':>9} {'rest':>8} {'x first':>8} {'paired':>8}")
+    for name in case["layers"]:
+        first = impls.get(f"layer {name}")
+        for chunks in args.chunks:
+            key = f"layer {name}" + (f" chunks {chunks}" if chunks != args.chunks[0] else "")
+            result = impls.get(key)
+            if not (result and first):
+                continue
+            ms = result["ms"]
+            paired = statistics.median(a / b for a, b in zip(result["per_round_ms"], first["per_round_ms"]))
+            say(
+                f"{name + f' chunks {chunks}':<30} {ms['total']:8.1f} {ms['exchange']:9.1f} "
+                f"{ms['total'] - ms['exchange']:8.1f} {ms['total'] / first['ms']['total']:8.3f} {paired:8.3f}"
+            )
 
 
 def print_phases(phases: dict[str, float], total_ms: float) -> None:

@@ -1,5 +1,7 @@
 """Local token movement and the grouped expert GEMM, against plain loops."""
 
+from dataclasses import replace
+
 import torch
 
 from expert_parallel import MoEConfig, route
@@ -68,6 +70,29 @@ def test_permute_then_combine_is_the_weighted_sum_of_a_per_token_loop():
             if routing.keep[t, k]:
                 want[t] += routing.weights[t, k] * (x[t] + routing.expert_ids[t, k])
     torch.testing.assert_close(out, want)
+
+
+def test_permute_gradient_sums_each_tokens_slots_in_choice_order_whatever_the_row_order():
+    """With K = 3 and drops, the input gradient is the slot-order sum, bitwise, for rows grouped
+    by expert or by any relabelling of the experts (as exchange_chunks does)."""
+    torch.manual_seed(1)
+    cfg = MoEConfig(d_model=4, d_hidden=4, num_experts=6, top_k=3, capacity_factor=0.7, min_capacity=0)
+    x = torch.randn(30, 4)
+    routing = route(torch.randn(30, 6), cfg)
+    upstream_TK4 = torch.randn(30, 3, 4)
+    grads = []
+    for relabel in (torch.arange(6), torch.tensor([3, 5, 0, 1, 4, 2])):
+        plan = plan_dispatch(replace(routing, expert_ids=relabel[routing.expert_ids]))
+        x_leaf = x.clone().requires_grad_()
+        rows = permute(x_leaf, plan)
+        upstream_R4 = upstream_TK4.reshape(-1, 4)[plan.slot_R]  # each row's slot's upstream gradient
+        (rows * upstream_R4).sum().backward()
+        grads.append(x_leaf.grad)
+    want = torch.zeros(30, 4)
+    for k in range(3):  # slot order: choice 0, then 1, then 2
+        want += torch.where(routing.keep[:, k : k + 1], upstream_TK4[:, k], 0.0)
+    assert routing.num_dropped > 0
+    assert torch.equal(grads[0], want) and torch.equal(grads[1], want)
 
 
 def test_source_to_expert_order_worked_example():
