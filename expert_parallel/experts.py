@@ -126,6 +126,113 @@ class _GroupedMMLinear(torch.autograd.Function):
         return dx_RI, dw_eIJ, db_eJ, None
 
 
+_ACTIVATION_BACKWARD = {  # d act(a) / d a applied to a gradient: the kernels autograd itself runs
+    "relu": lambda grad, a: torch.ops.aten.threshold_backward(grad, a, 0),
+    "gelu": lambda grad, a: torch.ops.aten.gelu_backward(grad, a),
+    "silu": lambda grad, a: torch.ops.aten.silu_backward(grad, a),
+    "swiglu": lambda grad, a: torch.ops.aten.silu_backward(grad, a),
+}
+
+
+class _ExpertMLP(torch.autograd.Function):
+    """out_g = act(x_g @ w1[g] + b1[g]) [* (x_g @ w3[g] + b3[g])] @ w2[g] + b2[g], one expert at a time.
+
+    The same GEMMs as three _LoopLinear calls, but the hidden activations
+    live one expert at a time: the forward keeps only the pre-activations
+    a [R, H] (and u [R, H] for swiglu), and the backward rebuilds each
+    expert's act(a) and runs its gradients through [rows of g, H] buffers.
+    NOTE: the unfused path holds act(a), and in the backward dh and da, for
+    all local experts at once: 2-4 more [R, H] tensors at the peak.
+    """
+
+    @staticmethod
+    def forward(ctx, x_RD, rows_per_expert, activation, w1_eDH, b1_eH, w3_eDH, b3_eH, w2_eHO, b2_eO):
+        act = _ACTIVATIONS[activation]
+        num_rows, hidden = x_RD.shape[0], w1_eDH.shape[2]
+        a_RH = x_RD.new_empty((num_rows, hidden))
+        u_RH = x_RD.new_empty((num_rows, hidden)) if w3_eDH is not None else None
+        y_RO = x_RD.new_empty((num_rows, w2_eHO.shape[2]))
+        for g, x_gD, a_gH, y_gO, u_gH in _groups(rows_per_expert, x_RD, a_RH, y_RO, u_RH):
+            _linear_into(a_gH, x_gD, w1_eDH[g], b1_eH, g)
+            h_gH = act(a_gH)
+            if u_gH is not None:
+                _linear_into(u_gH, x_gD, w3_eDH[g], b3_eH, g)
+                h_gH = h_gH * u_gH
+            _linear_into(y_gO, h_gH, w2_eHO[g], b2_eO, g)
+        ctx.save_for_backward(x_RD, a_RH, u_RH, w1_eDH, w3_eDH, w2_eHO)
+        ctx.rows_per_expert, ctx.activation = rows_per_expert, activation
+        ctx.has_bias = b1_eH is not None
+        return y_RO
+
+    @staticmethod
+    def backward(ctx, dy_RO: Tensor):
+        with torch.autocast(dy_RO.device.type, enabled=False):  # a backward run inside autocast
+            return _ExpertMLP._backward(ctx, dy_RO)
+
+    @staticmethod
+    def _backward(ctx, dy_RO: Tensor):
+        x_RD, a_RH, u_RH, w1_eDH, w3_eDH, w2_eHO = ctx.saved_tensors
+        rows, act = ctx.rows_per_expert, _ACTIVATIONS[ctx.activation]
+        act_backward = _ACTIVATION_BACKWARD[ctx.activation]
+        dy_RO = dy_RO.contiguous()  # NOTE: an upstream sum() hands in an expanded (stride-0) gradient
+        want_x = ctx.needs_input_grad[0]
+        want = dict(zip(("w1", "b1", "w3", "b3", "w2", "b2"), ctx.needs_input_grad[3:]))
+        swiglu, bias = w3_eDH is not None, ctx.has_bias
+        dx_RD = torch.empty_like(x_RD) if want_x else None
+        # Weight gradients: each expert's slice written once; experts with no rows zeroed at the end.
+        dw1 = torch.empty_like(w1_eDH) if want["w1"] else None
+        dw2 = torch.empty_like(w2_eHO) if want["w2"] else None
+        dw3 = torch.empty_like(w3_eDH) if swiglu and want["w3"] else None
+        db1 = dy_RO.new_empty(w1_eDH.shape[::2]) if bias and want["b1"] else None
+        db2 = dy_RO.new_empty(w2_eHO.shape[::2]) if bias and want["b2"] else None
+        db3 = dy_RO.new_empty(w1_eDH.shape[::2]) if bias and swiglu and want["b3"] else None
+        for g, x_gD, a_gH, dy_gO, u_gH, dx_gD in _groups(rows, x_RD, a_RH, dy_RO, u_RH, dx_RD):
+            act_gH = act(a_gH)
+            h_gH = act_gH * u_gH if swiglu else act_gH
+            if dw2 is not None:
+                torch.mm(h_gH.t(), dy_gO, out=dw2[g])
+            if db2 is not None:
+                torch.sum(dy_gO, dim=0, out=db2[g])
+            dh_gH = torch.mm(dy_gO, w2_eHO[g].t())
+            du_gH = None
+            if swiglu:
+                du_gH = dh_gH * act_gH
+                dh_gH = dh_gH * u_gH
+            da_gH = act_backward(dh_gH, a_gH)
+            if dw1 is not None:
+                torch.mm(x_gD.t(), da_gH, out=dw1[g])
+            if db1 is not None:
+                torch.sum(da_gH, dim=0, out=db1[g])
+            if dw3 is not None:
+                torch.mm(x_gD.t(), du_gH, out=dw3[g])
+            if db3 is not None:
+                torch.sum(du_gH, dim=0, out=db3[g])
+            if dx_gD is not None:
+                torch.mm(da_gH, w1_eDH[g].t(), out=dx_gD)
+                if swiglu:
+                    dx_gD.addmm_(du_gH, w3_eDH[g].t())
+        empty = [g for g, n in enumerate(rows) if n == 0]
+        for grad in (dw1, db1, dw3, db3, dw2, db2):
+            if grad is not None and empty:
+                grad[empty] = 0
+        return dx_RD, None, None, dw1, db1, dw3, db3, dw2, db2
+
+
+def _groups(rows_per_expert: list[int], *tensors: Tensor | None):
+    """(g, each tensor's rows of group g) for the groups with rows; None stays None."""
+    splits = [t.split(rows_per_expert) if t is not None else None for t in tensors]
+    for g, num_rows in enumerate(rows_per_expert):
+        if num_rows:
+            yield g, *(parts[g] if parts is not None else None for parts in splits)
+
+
+def _linear_into(out_gJ: Tensor, x_gI: Tensor, w_IJ: Tensor, b_eJ: Tensor | None, g: int) -> None:
+    if b_eJ is None:
+        torch.mm(x_gI, w_IJ, out=out_gJ)
+    else:
+        torch.addmm(b_eJ[g], x_gI, w_IJ, out=out_gJ)
+
+
 def grouped_mm_fits(x_RI: Tensor, w_eIJ: Tensor) -> bool:
     """Whether torch's grouped_mm takes these operands, forward and backward.
 
@@ -184,24 +291,34 @@ def grouped_linear(
         )
     if gemm not in GEMMS:
         raise ValueError(f"grouped_linear: gemm={gemm!r}, expected one of {GEMMS}")
-    device_type = x_RI.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        x_RI, w_eIJ = x_RI.to(dtype), w_eIJ.to(dtype)
-        b_eJ = b_eJ.to(dtype) if b_eJ is not None else None
-    function = _LoopLinear
-    if gemm != "loop":
-        fits = grouped_mm_fits(x_RI, w_eIJ)
-        if gemm == "grouped_mm" and not fits:
-            raise ValueError(
-                f"grouped_linear: grouped_mm cannot take x {tuple(x_RI.shape)} {x_RI.dtype} and "
-                f"w {tuple(w_eIJ.shape)} {w_eIJ.dtype} (it needs a torch that has it, fp32/bf16/fp16, "
-                f"contiguous operands, widths a multiple of {16 // x_RI.element_size()})"
-            )
-        if fits and (gemm == "grouped_mm" or _grouped_mm_is_faster(x_RI.device, x_RI.dtype)):
-            function = _GroupedMMLinear
-    with torch.autocast(device_type, enabled=False):
+    x_RI, w_eIJ, b_eJ = _in_autocast_dtype(x_RI, w_eIJ, b_eJ)
+    function = _GroupedMMLinear if _use_grouped_mm(x_RI, w_eIJ, gemm) else _LoopLinear
+    with torch.autocast(x_RI.device.type, enabled=False):
         return function.apply(x_RI, w_eIJ, b_eJ, rows_per_expert)
+
+
+def _in_autocast_dtype(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """Under autocast, the tensors cast (differentiably) to the autocast dtype, as nn.Linear's would be."""
+    device_type = next(t for t in tensors if t is not None).device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t is not None else None for t in tensors)
+
+
+def _use_grouped_mm(x_RI: Tensor, w_eIJ: Tensor, gemm: str) -> bool:
+    """gemm "grouped_mm": True (a ValueError where it cannot take the operands); "loop": False;
+    "auto": where it fits and was measured faster."""
+    if gemm == "loop":
+        return False
+    fits = grouped_mm_fits(x_RI, w_eIJ)
+    if gemm == "grouped_mm" and not fits:
+        raise ValueError(
+            f"grouped_linear: grouped_mm cannot take x {tuple(x_RI.shape)} {x_RI.dtype} and "
+            f"w {tuple(w_eIJ.shape)} {w_eIJ.dtype} (it needs a torch that has it, fp32/bf16/fp16, "
+            f"contiguous operands, widths a multiple of {16 // x_RI.element_size()})"
+        )
+    return fits and (gemm == "grouped_mm" or _grouped_mm_is_faster(x_RI.device, x_RI.dtype))
 
 
 class Experts(nn.Module):
@@ -210,6 +327,8 @@ class Experts(nn.Module):
 
     `gemm` ("auto", "loop" or "grouped_mm") picks grouped_linear's kernel; a
     plain attribute, so that a benchmark or test can set it on a built layer.
+    Where the loop is picked, the whole expert MLP runs one expert at a time
+    (_ExpertMLP), so its hidden activations never exist for all experts at once.
     """
 
     def __init__(self, config: MoEConfig, num_local_experts: int, gemm: str = "auto"):
@@ -228,13 +347,29 @@ class Experts(nn.Module):
         self.b3 = nn.Parameter(torch.empty(e, h)) if config.bias and self.w3 is not None else None
 
     def forward(self, x_RD: Tensor, rows_per_expert: list[int]) -> Tensor:
+        if sum(rows_per_expert) != x_RD.shape[0] or len(rows_per_expert) != self.num_local_experts:
+            raise ValueError(
+                f"Experts: {len(rows_per_expert)} groups of {sum(rows_per_expert)} rows "
+                f"for {self.num_local_experts} experts and {x_RD.shape[0]} rows"
+            )
+        x_RD, *weights = _in_autocast_dtype(x_RD, self.w1, self.b1, self.w3, self.b3, self.w2, self.b2)
+        if _use_grouped_mm(x_RD, weights[0], self.gemm):
+            return self.unfused(x_RD, rows_per_expert, weights)
+        with torch.autocast(x_RD.device.type, enabled=False):
+            return _ExpertMLP.apply(x_RD, rows_per_expert, self.activation, *weights)
+
+    def unfused(self, x_RD: Tensor, rows_per_expert: list[int], weights: list | None = None) -> Tensor:
+        """The same function as one grouped_linear per weight: grouped_mm's path, and the loop's
+        reference in tests. `weights`: (w1, b1, w3, b3, w2, b2), the parameters by default."""
+        w1, b1, w3, b3, w2, b2 = weights or (self.w1, self.b1, self.w3, self.b3, self.w2, self.b2)
+
         def linear(x_RI: Tensor, w_eIJ: Tensor, b_eJ: Tensor | None) -> Tensor:
             return grouped_linear(x_RI, w_eIJ, b_eJ, rows_per_expert, self.gemm)
 
-        h_RH = _ACTIVATIONS[self.activation](linear(x_RD, self.w1, self.b1))
-        if self.w3 is not None:
-            h_RH = h_RH * linear(x_RD, self.w3, self.b3)
-        return linear(h_RH, self.w2, self.b2)
+        h_RH = _ACTIVATIONS[self.activation](linear(x_RD, w1, b1))
+        if w3 is not None:
+            h_RH = h_RH * linear(x_RD, w3, b3)
+        return linear(h_RH, w2, b2)
 
     @torch.no_grad()
     def reset_expert(self, local_id: int, generator: torch.Generator) -> None:

@@ -7,6 +7,9 @@
   experts that receive no rows, redundant experts (a placement).
 - Three SGD steps with 3 chunks leave parameters bitwise equal to 3 steps with 1.
 - Forward under no_grad works and equals the graph-building forward.
+- The pipeline order, from a trace of the exchanges: chunk c's experts run
+  while chunk c + 1's rows travel (forward) and while chunk c - 1's
+  gradient travels (backward): the overlap, shown without timing anything.
 - Chunking sends the same rows: rows_sent_to_other_ranks is the same.
 
 Usage: overlap_checks.py
@@ -28,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ep_checks import Checks  # noqa: E402
 
 import expert_parallel as ep  # noqa: E402
+from expert_parallel import comm  # noqa: E402
 from expert_parallel.placement import balance  # noqa: E402
 
 
@@ -104,6 +108,58 @@ def check_no_grad(checks: Checks) -> None:
     checks.equal("no_grad forward, 4 chunks", quiet, layer(x).detach())
 
 
+def check_pipeline_order(checks: Checks) -> None:
+    """The exchanges start and finish in the pipelined order, forward and backward.
+
+    Forward: every chunk's dispatch starts before chunk 0's experts run, and
+    chunk c's experts run before chunk c + 1's dispatch is waited for.
+    Backward: chunk c's expert backward (whose end launches chunk c's reverse
+    dispatch) runs while chunk c - 1's reverse combine is in flight.
+    """
+    events = []
+    launch, wait = comm.Exchange.launch, comm.Exchange.wait
+    names = {}
+
+    def name(exchange) -> str:
+        kind = exchange.what
+        names.setdefault(id(exchange), f"{kind} {sum(1 for n in names.values() if n.startswith(kind))}")
+        return names[id(exchange)]
+
+    def traced_launch(self, out, x, output_splits, input_splits, way):
+        events.append(f"launch {name(self)} {way}")
+        return launch(self, out, x, output_splits, input_splits, way)
+
+    def traced_wait(self, way):
+        events.append(f"wait {name(self)} {way}")
+        return wait(self, way)
+
+    config = ep.MoEConfig(d_model=8, d_hidden=8, num_experts=3 * dist.get_world_size(), exchange_chunks=3)
+    torch.manual_seed(4)
+    layer = ep.MoELayer(config, dist.group.WORLD)
+    layer.experts.register_forward_pre_hook(lambda *_: events.append("experts"))
+    comm.Exchange.launch, comm.Exchange.wait = traced_launch, traced_wait
+    try:
+        x = torch.randn(24, 8, generator=torch.Generator().manual_seed(dist.get_rank()), requires_grad=True)
+        layer(x).sum().backward()
+    finally:
+        comm.Exchange.launch, comm.Exchange.wait = launch, wait
+    at = events.index
+    forward = all(at(f"launch dispatch {c} forward") < at("experts") for c in range(3)) and all(
+        [i for i, e in enumerate(events) if e == "experts"][c] < at(f"wait dispatch {c + 1} forward")
+        for c in range(2)
+    )
+    checks.true(
+        "forward: dispatches start first, chunk c computes before chunk c+1 arrives", forward, str(events)
+    )
+    backward = all(
+        at(f"launch combine {c - 1} backward")
+        < at(f"launch dispatch {c} backward")
+        < at(f"wait combine {c - 1} backward")
+        for c in (1, 2)
+    )
+    checks.true("backward: chunk c's experts run while chunk c-1's gradient travels", backward, str(events))
+
+
 def main() -> int:
     with ep.distributed(timeout=timedelta(seconds=60)):
         rank, world = dist.get_rank(), dist.get_world_size()
@@ -139,6 +195,7 @@ def main() -> int:
                 check_chunk_counts_bitwise_equal(checks, name, config, num_tokens, forced, placement)
             check_training_steps(checks)
             check_no_grad(checks)
+            check_pipeline_order(checks)
             return checks.verdict(rank)
         except Exception:
             traceback.print_exc()
