@@ -100,9 +100,22 @@ def test_side_by_side_and_skew_smoke_run_then_the_report(tmp_path):
         assert (plots / "bench_skew.png").stat().st_size > 0
 
 
-def test_bf16_mode_reports_the_ratio_and_the_difference_against_fp32():
-    text = bench("--dtype", "bf16", "--capacity", "none", "--impls", "layer,floor", "--no-memory").stdout
+def test_bf16_mode_reports_the_ratio_and_the_difference_against_fp32_and_the_overlap_table():
+    args = (
+        "--dtype",
+        "bf16",
+        "--capacity",
+        "none",
+        "--impls",
+        "layer,floor",
+        "--no-memory",
+        "--chunks",
+        "1,2",
+    )
+    text = bench(*args).stdout
     assert "bf16 layer / bf16 floor (dropless)" in text and "same experts chosen: True" in text
+    assert "overlap (MoEConfig.exchange_chunks" in text
+    assert "dropless chunks 1 " in text and "dropless chunks 2 " in text
 
 
 def test_report_tables_from_a_sweep_and_weak_scaling():
