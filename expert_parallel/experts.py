@@ -23,6 +23,21 @@ _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", No
 GEMMS = ("auto", "loop", "grouped_mm")
 
 
+def _groups(rows_per_expert: list[int], *tensors: Tensor | None):
+    """(g, each tensor's rows of group g) for the groups with rows; None stays None."""
+    splits = [t.split(rows_per_expert) if t is not None else None for t in tensors]
+    for g, num_rows in enumerate(rows_per_expert):
+        if num_rows:
+            yield g, *(parts[g] if parts is not None else None for parts in splits)
+
+
+def _linear_into(out_gJ: Tensor, x_gI: Tensor, w_IJ: Tensor, b_eJ: Tensor | None, g: int) -> None:
+    if b_eJ is None:
+        torch.mm(x_gI, w_IJ, out=out_gJ)
+    else:
+        torch.addmm(b_eJ[g], x_gI, w_IJ, out=out_gJ)
+
+
 class _LoopLinear(torch.autograd.Function):
     """y_g = x_g @ w[g] + b[g] for each contiguous group g of rows: one GEMM per non-empty group.
 
@@ -38,14 +53,8 @@ class _LoopLinear(torch.autograd.Function):
         ctx.rows_per_expert = rows_per_expert
         ctx.has_bias = b_eJ is not None
         y_RJ = x_RI.new_empty((x_RI.shape[0], w_eIJ.shape[2]))
-        groups = zip(x_RI.split(rows_per_expert), y_RJ.split(rows_per_expert))
-        for g, (x_gI, y_gJ) in enumerate(groups):
-            if x_gI.shape[0] == 0:
-                continue
-            if b_eJ is None:
-                torch.mm(x_gI, w_eIJ[g], out=y_gJ)
-            else:
-                torch.addmm(b_eJ[g], x_gI, w_eIJ[g], out=y_gJ)
+        for g, x_gI, y_gJ in _groups(rows_per_expert, x_RI, y_RJ):
+            _linear_into(y_gJ, x_gI, w_eIJ[g], b_eJ, g)
         return y_RJ
 
     @staticmethod
@@ -216,21 +225,6 @@ class _ExpertMLP(torch.autograd.Function):
             if grad is not None and empty:
                 grad[empty] = 0
         return dx_RD, None, None, dw1, db1, dw3, db3, dw2, db2
-
-
-def _groups(rows_per_expert: list[int], *tensors: Tensor | None):
-    """(g, each tensor's rows of group g) for the groups with rows; None stays None."""
-    splits = [t.split(rows_per_expert) if t is not None else None for t in tensors]
-    for g, num_rows in enumerate(rows_per_expert):
-        if num_rows:
-            yield g, *(parts[g] if parts is not None else None for parts in splits)
-
-
-def _linear_into(out_gJ: Tensor, x_gI: Tensor, w_IJ: Tensor, b_eJ: Tensor | None, g: int) -> None:
-    if b_eJ is None:
-        torch.mm(x_gI, w_IJ, out=out_gJ)
-    else:
-        torch.addmm(b_eJ[g], x_gI, w_IJ, out=out_gJ)
 
 
 def grouped_mm_fits(x_RI: Tensor, w_eIJ: Tensor) -> bool:

@@ -158,6 +158,11 @@ class MoELayer(nn.Module):
             except ValueError as err:
                 problem = (ValueError, str(err))
             x_TD = _to_autocast_dtype(x_TD)
+            if self.group is not None and torch.is_grad_enabled() and not x_TD.requires_grad:
+                # NOTE: the dispatch exchange's backward runs only where the rows need a
+                # gradient; a rank whose input needs none would skip it while its peers
+                # wait in it (a hang). A leaf that does makes every rank run it alike.
+                x_TD = x_TD.detach().requires_grad_()
         expert_routing = routing  # over physical experts (replicas) with a placement
         if routing is not None and self.placement is not None:
             expert_routing = _to_physical(

@@ -405,6 +405,15 @@ def check_bad_input(checks, group):
         "layer still works after rejected inputs", out.shape == (10, 16) and bool(out.isfinite().all())
     )
 
+    # Only rank 0's input needs a gradient: every rank still runs the backward's exchanges (no hang).
+    for dispatch in ("per_assignment", "once_per_rank"):
+        torch.manual_seed(3)
+        mixed_grad = ep.MoELayer(replace(config, dispatch=dispatch), group).to(DEVICE)
+        x_maybe = x.detach().clone().requires_grad_(rank == 0)
+        mixed_grad(x_maybe).sum().backward()
+        ok = mixed_grad.router.weight.grad is not None and (rank != 0 or x_maybe.grad.abs().sum() > 0)
+        checks.true(f"{dispatch}: only rank 0's input requires grad: backward completes", bool(ok))
+
     # An adversarial router sends every token to expert 0: the dropless cap refuses on every rank.
     capped = ep.MoELayer(replace(config, max_tokens_per_expert=8 * size), group, name="blocks.0.moe").to(
         DEVICE
