@@ -31,6 +31,14 @@ def _groups(rows_per_expert: list[int], *tensors: Tensor | None):
             yield g, *(parts[g] if parts is not None else None for parts in splits)
 
 
+def _check_groups(who: str, rows_per_expert: list[int], num_rows: int, num_experts: int) -> None:
+    if sum(rows_per_expert) != num_rows or len(rows_per_expert) != num_experts:
+        raise ValueError(
+            f"{who}: {len(rows_per_expert)} groups of {sum(rows_per_expert)} rows "
+            f"for {num_experts} experts and {num_rows} rows"
+        )
+
+
 def _linear_into(out_gJ: Tensor, x_gI: Tensor, w_IJ: Tensor, b_eJ: Tensor | None, g: int) -> None:
     if b_eJ is None:
         torch.mm(x_gI, w_IJ, out=out_gJ)
@@ -278,11 +286,7 @@ def grouped_linear(
     differentiably, so their gradients arrive in the parameters' dtype) and
     the GEMMs run in it, as nn.Linear's would.
     """
-    if sum(rows_per_expert) != x_RI.shape[0] or len(rows_per_expert) != w_eIJ.shape[0]:
-        raise ValueError(
-            f"grouped_linear: {len(rows_per_expert)} groups of {sum(rows_per_expert)} rows "
-            f"for {w_eIJ.shape[0]} experts and {x_RI.shape[0]} rows"
-        )
+    _check_groups("grouped_linear", rows_per_expert, x_RI.shape[0], w_eIJ.shape[0])
     if gemm not in GEMMS:
         raise ValueError(f"grouped_linear: gemm={gemm!r}, expected one of {GEMMS}")
     x_RI, w_eIJ, b_eJ = _in_autocast_dtype(x_RI, w_eIJ, b_eJ)
@@ -341,11 +345,7 @@ class Experts(nn.Module):
         self.b3 = nn.Parameter(torch.empty(e, h)) if config.bias and self.w3 is not None else None
 
     def forward(self, x_RD: Tensor, rows_per_expert: list[int]) -> Tensor:
-        if sum(rows_per_expert) != x_RD.shape[0] or len(rows_per_expert) != self.num_local_experts:
-            raise ValueError(
-                f"Experts: {len(rows_per_expert)} groups of {sum(rows_per_expert)} rows "
-                f"for {self.num_local_experts} experts and {x_RD.shape[0]} rows"
-            )
+        _check_groups("Experts", rows_per_expert, x_RD.shape[0], self.num_local_experts)
         x_RD, *weights = _in_autocast_dtype(x_RD, self.w1, self.b1, self.w3, self.b3, self.w2, self.b2)
         if _use_grouped_mm(x_RD, weights[0], self.gemm):
             return self.unfused(x_RD, rows_per_expert, weights)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -79,3 +80,15 @@ def assert_all_ranks_succeeded(results: list[RankResult]) -> None:
             for r in failed
         )
         raise AssertionError(f"{len(failed)} of {len(results)} ranks failed\n{report}")
+
+
+def checks_run(results: list[RankResult]) -> list[int]:
+    """Every rank exited 0 and printed "rank r: n of n checks passed" (a Checks verdict); each rank's n."""
+    assert_all_ranks_succeeded(results)
+    counts = []
+    for result in results:
+        passed = re.search(r"rank \d+: (\d+) of (\d+) checks passed", result.output)
+        assert passed, result.output[-2000:]
+        assert passed.group(1) == passed.group(2), result.output[-2000:]
+        counts.append(int(passed.group(2)))
+    return counts
