@@ -4,14 +4,16 @@ Experts sharded over the ranks of a process group, tokens exchanged with all-to-
 """
 
 from .comm import CollectiveError, distributed, init_distributed, shutdown
-from .config import MoEConfig
-from .layer import MoELayer, RoutingStats
+from .config import ExecutionConfig, MoEConfig
+from .layer import MoELayer, MoEOutput, RoutingStats
 from .router import Routing, route
 
 __all__ = [
     "CollectiveError",
+    "ExecutionConfig",
     "MoEConfig",
     "MoELayer",
+    "MoEOutput",
     "Routing",
     "RoutingStats",
     "distributed",

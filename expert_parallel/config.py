@@ -1,4 +1,10 @@
-"""MoEConfig: the one validated description of a Mixture-of-Experts layer."""
+"""Validated configs: MoEConfig (what a layer computes), ExecutionConfig (how it runs); TOML and overrides.
+
+One validation style for every config in the project: frozen dataclasses
+whose __post_init__ calls `check_int`, `check_real` and `check_choice`, and
+one loader, `from_section`, that builds any of them from a TOML section and
+names `section.key` in its errors.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ DROP_POLICIES = ("position", "probs")
 ACTIVATIONS = ("relu", "gelu", "silu", "swiglu")
 AUX_LOSS_SCOPES = ("micro_batch", "global_batch", "sequence")
 DISPATCH_MODES = ("per_assignment", "once_per_rank")
+GEMMS = ("auto", "loop", "grouped_mm")
 
 
 @dataclass(frozen=True)
@@ -29,13 +36,10 @@ class MoEConfig:
         None means dropless (every assignment kept).
     drop_policy: which assignments an over-full expert keeps:
         "position" (choice rank, then token index) or "probs" (highest score).
-    max_tokens_per_expert: a hard bound on the rows one expert may receive in
-        one forward, summed over the group; over it, every rank raises
-        ValueError instead of running out of memory (None: no bound).
     activation: "relu", "gelu", "silu", or "swiglu" (act(x@w1) * (x@w3)) @ w2.
     bias: experts carry biases.        router_bias: the router Linear has a bias.
     aux_loss_coef, z_loss_coef: weights of the load-balancing and z losses in
-        `MoELayer.aux_loss`.
+        the layer's `MoEOutput.aux_loss`.
     aux_loss_scope: over which tokens the aux loss's f_i (share of choices per
         expert) is counted: "micro_batch" (this call on this rank), "global_batch"
         (summed over the layer's stats_group and over the micro-batches of the
@@ -59,16 +63,10 @@ class MoEConfig:
     router_jitter: eps; in training the router sees x * U(1 - eps, 1 + eps).
     eval_capacity_factor: the capacity factor outside training (None: as in
         training). A factor >= num_experts / top_k never drops.
-    dispatch: what one all-to-all row carries under expert parallelism:
-        "per_assignment" (each kept (token, expert) pair) or "once_per_rank"
-        (each token once per destination rank, expanded to its experts there,
-        whose weighted outputs are summed there and sent back as one row).
-    exchange_chunks: under "per_assignment" dispatch, each rank's local
-        experts form this many chunks (at most one per local expert), whose
-        all-to-alls and expert GEMMs are pipelined: chunk c's experts compute
-        while chunk c + 1's rows travel, forward and backward. 1: no overlap.
-        Each expert sees the same rows in the same order whatever the count,
-        so outputs and gradients are bitwise equal for any value.
+
+    How the layer runs (dispatch mode, chunking, caps, GEMM kernel) is not
+    here: see ExecutionConfig. Code that builds a layer from another model
+    fills MoEConfig alone.
 
     Defaults follow the modern dropless top-2 softmax router (Mixtral-like
     routing, SimpleMoE-like experts): see README "Configuration".
@@ -84,7 +82,6 @@ class MoEConfig:
     capacity_factor: float | None = None
     min_capacity: int = 4
     drop_policy: str = "position"
-    max_tokens_per_expert: int | None = None
     activation: str = "relu"
     bias: bool = True
     router_bias: bool = True
@@ -101,8 +98,6 @@ class MoEConfig:
     shared_expert_gate: bool = False
     router_jitter: float = 0.0
     eval_capacity_factor: float | None = None
-    dispatch: str = "per_assignment"
-    exchange_chunks: int = 1
 
     def __post_init__(self) -> None:
         for name in ("d_model", "d_hidden", "num_experts", "top_k"):
@@ -111,25 +106,15 @@ class MoEConfig:
             object.__setattr__(self, "d_out", self.d_model)
         _check_int("d_out", self.d_out, minimum=1)
         _check_int("min_capacity", self.min_capacity, minimum=0)
-        if self.max_tokens_per_expert is not None:
-            _check_int("max_tokens_per_expert", self.max_tokens_per_expert, minimum=1)
         if self.top_k > self.num_experts:
             raise ValueError(f"MoEConfig.top_k={self.top_k} exceeds num_experts={self.num_experts}")
         _check_choice("score_func", self.score_func, SCORE_FUNCS)
         _check_choice("drop_policy", self.drop_policy, DROP_POLICIES)
         _check_choice("activation", self.activation, ACTIVATIONS)
         _check_choice("aux_loss_scope", self.aux_loss_scope, AUX_LOSS_SCOPES)
-        _check_choice("dispatch", self.dispatch, DISPATCH_MODES)
-        _check_int("exchange_chunks", self.exchange_chunks, minimum=1)
-        if self.exchange_chunks > 1 and self.dispatch != "per_assignment":
-            raise ValueError(
-                f"MoEConfig.exchange_chunks={self.exchange_chunks} needs dispatch='per_assignment' "
-                f"(once_per_rank rows carry several experts each, so they cannot be chunked by expert)"
-            )
         self._check_routing_features()
         for name in ("normalize_weights", "bias", "router_bias", "selection_bias", "shared_expert_gate"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"MoEConfig.{name} must be a bool, got {getattr(self, name)!r}")
+            check_bool("MoEConfig", name, getattr(self, name))
         if self.capacity_factor is not None:
             _check_real("capacity_factor", self.capacity_factor)
             if not self.capacity_factor > 0:
@@ -212,11 +197,53 @@ class MoEConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> MoEConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"MoEConfig has no field(s) {unknown}; known: {sorted(known)}")
-        return cls(**values)
+        return from_section(cls, "moe", values)
+
+
+@dataclass(frozen=True)
+class ExecutionConfig:
+    """How an MoE layer runs: choices that change speed and memory, never the result.
+
+    dispatch: what one all-to-all row carries under expert parallelism:
+        "per_assignment" (each kept (token, expert) pair) or "once_per_rank"
+        (each token once per destination rank, expanded to its experts there,
+        whose weighted outputs are summed there and sent back as one row).
+        Both give the same outputs and gradients (to rounding); see
+        docs/dispatch.md for which is faster where.
+    exchange_chunks: under "per_assignment" dispatch, each rank's local
+        experts form this many chunks (at most one per local expert), whose
+        all-to-alls and expert GEMMs are pipelined: chunk c's experts compute
+        while chunk c + 1's rows travel, forward and backward. 1: no overlap.
+        Each expert sees the same rows in the same order whatever the count,
+        so outputs and gradients are bitwise equal for any value.
+    max_tokens_per_expert: a hard bound on the rows one expert may receive in
+        one forward, summed over the group; over it, every rank raises
+        ValueError instead of running out of memory (None: no bound).
+    gemm: the experts' GEMM kernel, "loop" (one GEMM per expert), "grouped_mm"
+        (torch's grouped GEMM) or "auto" (where it was measured faster).
+
+    Every rank of a group must run the same ExecutionConfig (checked at construction).
+    """
+
+    dispatch: str = "per_assignment"
+    exchange_chunks: int = 1
+    max_tokens_per_expert: int | None = None
+    gemm: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_choice("ExecutionConfig", "dispatch", self.dispatch, DISPATCH_MODES)
+        check_int("ExecutionConfig", "exchange_chunks", self.exchange_chunks, minimum=1)
+        if self.max_tokens_per_expert is not None:
+            check_int("ExecutionConfig", "max_tokens_per_expert", self.max_tokens_per_expert, minimum=1)
+        check_choice("ExecutionConfig", "gemm", self.gemm, GEMMS)
+        if self.exchange_chunks > 1 and self.dispatch != "per_assignment":
+            raise ValueError(
+                f"ExecutionConfig.exchange_chunks={self.exchange_chunks} needs dispatch='per_assignment' "
+                f"(once_per_rank rows carry several experts each, so they cannot be chunked by expert)"
+            )
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 def load_toml(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict:
@@ -225,7 +252,7 @@ def load_toml(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
     Values parse as TOML (`4`, `1.25`, `true`, `"gelu"`); `none` means None
     (e.g. `moe.capacity_factor=none` for dropless); anything else is a string.
     Each override's sections must exist in the file; the consumer of a section
-    (e.g. MoEConfig.from_dict) rejects unknown keys by name.
+    (`from_section`) rejects unknown keys by name.
     """
     with open(path, "rb") as handle:
         tree = tomllib.load(handle)
@@ -277,18 +304,37 @@ def _parse_value(raw: str) -> object:
         return raw
 
 
-def _check_int(name: str, value: object, minimum: int) -> None:
+def check_int(owner: str, name: str, value: object, minimum: int) -> None:
+    """ValueError naming `owner.name` unless value is an int (not a bool) >= minimum."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"MoEConfig.{name} must be an int, got {value!r}")
+        raise ValueError(f"{owner}.{name} must be an int, got {value!r}")
     if value < minimum:
-        raise ValueError(f"MoEConfig.{name} must be >= {minimum}, got {value!r}")
+        raise ValueError(f"{owner}.{name} must be >= {minimum}, got {value!r}")
+
+
+def check_real(owner: str, name: str, value: object) -> None:
+    """ValueError naming `owner.name` unless value is a finite int or float (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{owner}.{name} must be a finite number, got {value!r}")
+
+
+def check_choice(owner: str, name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{owner}.{name} must be one of {choices}, got {value!r}")
+
+
+def check_bool(owner: str, name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{owner}.{name} must be a bool, got {value!r}")
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    check_int("MoEConfig", name, value, minimum)
 
 
 def _check_real(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"MoEConfig.{name} must be a finite number, got {value!r}")
+    check_real("MoEConfig", name, value)
 
 
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"MoEConfig.{name} must be one of {choices}, got {value!r}")
+    check_choice("MoEConfig", name, value, choices)

@@ -23,13 +23,14 @@ class DispatchPlan:
     slot_R: [R] the slot (t * K + k) each row came from.
     token_R: [R] the token each row came from.
     row_N: [N] the row each slot went to; R (one past the last row) for dropped slots.
-    rows_per_expert: [E] host ints, rows of each global expert (sum = R).
+    rows_per_expert: [E] host ints, rows of each global expert (sum = R); None
+        when planned without a host sync (dropless, R = N; see plan_dispatch).
     """
 
     slot_R: Tensor
     token_R: Tensor
     row_N: Tensor
-    rows_per_expert: list[int]
+    rows_per_expert: list[int] | None
     num_tokens: int
     top_k: int
 
@@ -38,16 +39,25 @@ class DispatchPlan:
         return self.slot_R.numel()
 
 
-def plan_dispatch(routing: Routing) -> DispatchPlan:
+def plan_dispatch(routing: Routing, host_counts: bool = True) -> DispatchPlan:
+    """Rows grouped by expert, tokens in order within an expert.
+
+    host_counts False (only for dropless routing): no host sync; every slot
+    is a row (R = N) and rows_per_expert is None. torch.compile's graph keeps
+    static shapes that way.
+    """
     num_tokens, top_k = routing.expert_ids.shape
     num_experts = routing.tokens_per_expert.numel()
     # Dropped slots get the sentinel id E and sort after every expert, so the
     # kept rows are a prefix. NOTE: stable, so an expert's rows keep token order.
     expert_ids_N = torch.where(routing.keep, routing.expert_ids, num_experts).reshape(-1)
     order_N = expert_ids_N.argsort(stable=True)
-    # NOTE: host sync; the all-to-all splits and the per-expert GEMMs need host counts.
-    rows_per_expert = routing.tokens_per_expert.tolist()
-    num_rows = sum(rows_per_expert)
+    if host_counts:
+        # NOTE: host sync; the all-to-all splits and the per-expert GEMMs need host counts.
+        rows_per_expert = routing.tokens_per_expert.tolist()
+        num_rows = sum(rows_per_expert)
+    else:
+        rows_per_expert, num_rows = None, order_N.numel()
     slot_R = order_N[:num_rows]
     row_N = torch.full_like(order_N, num_rows)
     row_N[slot_R] = torch.arange(num_rows, device=slot_R.device)
@@ -78,7 +88,13 @@ class _Permute(torch.autograd.Function):
 
 
 def permute(x_TD: Tensor, plan: DispatchPlan) -> Tensor:
-    """[T, D] tokens -> [R, D] rows grouped by expert (a token appears once per kept choice)."""
+    """[T, D] tokens -> [R, D] rows grouped by expert (a token appears once per kept choice).
+
+    Under torch.compile, a plain index_select (whose backward sums a token's
+    slots in row order: equal to rounding, not bitwise, for K >= 3).
+    """
+    if torch.compiler.is_compiling():
+        return x_TD.index_select(0, plan.token_R)
     return _Permute.apply(x_TD, plan)
 
 
@@ -231,3 +247,54 @@ def sum_rows(z_RO: Tensor, row_TK: Tensor) -> Tensor:
     """[T, O]: out_t = sum_k z[row[t, k]], in k order (unused slots point past the end: zero)."""
     z_RO = F.pad(z_RO, (0, 0, 0, 1))
     return z_RO.index_select(0, row_TK.reshape(-1)).view(*row_TK.shape, z_RO.shape[-1]).sum(dim=1)
+
+
+@dataclass(frozen=True)
+class PaddedPlan:
+    """Capacity routing with static shapes: expert e's kept rows fill slots e * C ... e * C + C - 1.
+
+    token_P: [E * C] the token in each slot; T (a zero row) where a slot is empty.
+    slot_N: [N] the slot each assignment went to; E * C (a zero row) where dropped.
+    Every shape depends only on T, K, E and C, so torch.compile sees one graph
+    for every routing; empty slots cost GEMM rows (E * C >= kept assignments).
+    """
+
+    token_P: Tensor
+    slot_N: Tensor
+    num_experts: int
+    capacity: int
+
+
+def plan_padded(routing: Routing, capacity: int) -> PaddedPlan:
+    """Slots for capacity routing; an expert's rows in token order (as plan_dispatch orders them)."""
+    num_tokens, top_k = routing.expert_ids.shape
+    num_experts = routing.tokens_per_expert.numel()
+    device = routing.expert_ids.device
+    expert_ids_N = torch.where(routing.keep, routing.expert_ids, num_experts).reshape(-1)
+    # NOTE: stable, so an expert's rows keep token order.
+    order_N = expert_ids_N.argsort(stable=True)
+    sorted_N = expert_ids_N[order_N]
+    counts_E1 = torch.zeros(num_experts + 1, dtype=torch.long, device=device)
+    counts_E1.scatter_add_(0, expert_ids_N, torch.ones_like(expert_ids_N))
+    starts_E1 = counts_E1.cumsum(0) - counts_E1
+    position_N = torch.arange(order_N.numel(), device=device) - starts_E1[sorted_N]
+    num_slots = num_experts * capacity
+    sorted_slot_N = torch.where(sorted_N < num_experts, sorted_N * capacity + position_N, num_slots)
+    slot_N = torch.empty_like(order_N).scatter_(0, order_N, sorted_slot_N)
+    token_P1 = torch.full((num_slots + 1,), num_tokens, dtype=torch.long, device=device)
+    token_P1.scatter_(0, slot_N, torch.arange(order_N.numel(), device=device) // top_k)
+    return PaddedPlan(token_P1[:num_slots], slot_N, num_experts, capacity)
+
+
+def permute_padded(x_TD: Tensor, plan: PaddedPlan) -> Tensor:
+    """[T, D] -> [E, C, D]: each expert's slots, zero rows where empty."""
+    x_T1D = F.pad(x_TD, (0, 0, 0, 1))
+    return x_T1D.index_select(0, plan.token_P).view(plan.num_experts, plan.capacity, x_TD.shape[-1])
+
+
+def combine_padded(y_ECO: Tensor, weights_TK: Tensor, plan: PaddedPlan) -> Tensor:
+    """[E, C, O] -> [T, O]: out_t = sum_k weight_tk * y(slot of (t, k)); a dropped slot adds 0."""
+    num_tokens, top_k = weights_TK.shape
+    y_P1O = F.pad(y_ECO.reshape(-1, y_ECO.shape[-1]), (0, 0, 0, 1))
+    slots_TKO = y_P1O.index_select(0, plan.slot_N).view(num_tokens, top_k, y_ECO.shape[-1])
+    return torch.bmm(weights_TK.to(y_ECO.dtype).unsqueeze(1), slots_TKO).squeeze(1)

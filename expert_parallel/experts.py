@@ -14,13 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import MoEConfig
+from .config import GEMMS, MoEConfig
 
 _ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "swiglu": F.silu}
 
 # torch >= 2.8 has torch._grouped_mm; later releases name it F.grouped_mm.
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-GEMMS = ("auto", "loop", "grouped_mm")
 
 
 def _groups(rows_per_expert: list[int], *tensors: Tensor | None):
@@ -344,7 +343,17 @@ class Experts(nn.Module):
         self.b2 = nn.Parameter(torch.empty(e, o)) if config.bias else None
         self.b3 = nn.Parameter(torch.empty(e, h)) if config.bias and self.w3 is not None else None
 
-    def forward(self, x_RD: Tensor, rows_per_expert: list[int]) -> Tensor:
+    def forward(self, x_RD: Tensor, rows_per_expert: list[int] | Tensor | None) -> Tensor:
+        """y [R, O] for rows x [R, D] grouped by expert, `rows_per_expert` of them each (host ints).
+
+        rows_per_expert may also be an [e] tensor of counts (converted on the
+        host, outside any torch.compile graph), or None for x [e, C, D], each
+        expert's C rows padded (`padded`).
+        """
+        if rows_per_expert is None:
+            return self.padded(x_RD)
+        if isinstance(rows_per_expert, Tensor):
+            return _with_host_counts(self, x_RD, rows_per_expert)
         _check_groups("Experts", rows_per_expert, x_RD.shape[0], self.num_local_experts)
         x_RD, *weights = _in_autocast_dtype(x_RD, self.w1, self.b1, self.w3, self.b3, self.w2, self.b2)
         if _use_grouped_mm(x_RD, weights[0], self.gemm):
@@ -365,6 +374,25 @@ class Experts(nn.Module):
             h_RH = h_RH * linear(x_RD, w3, b3)
         return linear(h_RH, w2, b2)
 
+    def padded(self, x_eCD: Tensor) -> Tensor:
+        """[e, C, D] -> [e, C, O]: every expert over its C rows (padding included) as batched GEMMs.
+
+        Static shapes, for torch.compile's capacity path; equal to the loop to rounding.
+        """
+        x_eCD, w1, b1, w3, b3, w2, b2 = _in_autocast_dtype(
+            x_eCD, self.w1, self.b1, self.w3, self.b3, self.w2, self.b2
+        )
+
+        def linear(x_eCI: Tensor, w_eIJ: Tensor, b_eJ: Tensor | None) -> Tensor:
+            if b_eJ is None:
+                return torch.bmm(x_eCI, w_eIJ)
+            return torch.baddbmm(b_eJ.unsqueeze(1), x_eCI, w_eIJ)
+
+        h_eCH = _ACTIVATIONS[self.activation](linear(x_eCD, w1, b1))
+        if w3 is not None:
+            h_eCH = h_eCH * linear(x_eCD, w3, b3)
+        return linear(h_eCH, w2, b2)
+
     @torch.no_grad()
     def reset_expert(self, local_id: int, generator: torch.Generator) -> None:
         """nn.Linear's default init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), for one expert."""
@@ -377,6 +405,17 @@ class Experts(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_local_experts} experts, {self.activation}, gemm={self.gemm}"
+
+
+@torch.compiler.disable
+def _with_host_counts(experts: Experts, x_RD: Tensor, rows_per_expert_e: Tensor) -> Tensor:
+    """Experts over rows whose group sizes are still on the device.
+
+    NOTE: host sync. Outside torch.compile's graph (one graph break), since
+    the per-expert GEMMs take host sizes that change every step: traced,
+    each new set of sizes would recompile.
+    """
+    return experts(x_RD, rows_per_expert_e.tolist())
 
 
 def uniform_(tensor: Tensor, bound: float, generator: torch.Generator) -> None:

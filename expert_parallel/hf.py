@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import MoEConfig
+from .config import ExecutionConfig, MoEConfig
 from .layer import MoELayer
 from .router import route
 
@@ -57,13 +57,16 @@ def from_hf_block(block: nn.Module, group=None, *, name: str | None = None, **ov
     the router, the shared experts and global experts r*E/P ... (r+1)*E/P - 1.
     The layer is dropless, has no aux loss, and takes the block's device and
     dtype; `overrides` are MoEConfig fields that replace the derived ones
-    (e.g. capacity_factor=1.25, aux_loss_coef=0.01). The global random state
-    is left as it was. Its forward returns the block's output tensor (blocks
-    of transformers 4.x also return router logits; the layer does not).
+    (e.g. capacity_factor=1.25, aux_loss_coef=0.01) or ExecutionConfig fields
+    (e.g. dispatch="once_per_rank"). The global random state is left as it
+    was. Its forward returns an MoEOutput whose `out` is the block's output
+    tensor (blocks of transformers 4.x also return router logits; the layer does not).
     """
-    config = _config_from_block(block, overrides)
+    execution_fields = {f.name for f in fields(ExecutionConfig)}
+    execution = ExecutionConfig(**{k: v for k, v in overrides.items() if k in execution_fields})
+    config = _config_from_block(block, {k: v for k, v in overrides.items() if k not in execution_fields})
     with torch.random.fork_rng(devices=[]):
-        layer = MoELayer(config, group, name=name)
+        layer = MoELayer(config, group, execution=execution, name=name)
     weight = block.gate.weight
     layer.to(device=weight.device, dtype=weight.dtype)
     if getattr(layer, "selection_bias", None) is not None:
@@ -89,8 +92,9 @@ def copy_to_hf_block(layer: MoELayer, block: nn.Module, *, gather: bool = False)
             "copy_to_hf_block: the layer holds redundant experts (a placement); "
             "call layer.apply_placement(None) first to return to one copy of each expert"
         )
-    theirs, mine = _config_from_block(block, {}), layer.config
-    differ = [f for f in _MATH_FIELDS if getattr(theirs, f) != getattr(mine, f)]
+    mine = layer.config
+    theirs = _config_from_block(block, {f: getattr(mine, f) for f in _NOT_IN_A_BLOCK})
+    differ = [f.name for f in fields(MoEConfig) if getattr(theirs, f.name) != getattr(mine, f.name)]
     if differ or theirs.shared_hidden != mine.shared_hidden:
         pairs = ", ".join(f"{f}: layer {getattr(mine, f)!r}, block {getattr(theirs, f)!r}" for f in differ)
         raise ValueError(f"copy_to_hf_block: the layer does not fit the block ({pairs or 'shared width'})")
@@ -104,11 +108,10 @@ def copy_to_hf_block(layer: MoELayer, block: nn.Module, *, gather: bool = False)
             target.copy_(source)
 
 
-# What a layer and a block must share for the weights of one to stand in the other.
-_MATH_FIELDS = (
-    "d_model", "d_hidden", "num_experts", "top_k", "score_func", "normalize_weights", "activation",
-    "bias", "router_bias", "routed_scaling_factor", "selection_bias", "num_groups", "group_topk",
-    "shared_expert_gate",
+# Training rules a transformers block does not carry: a layer may differ from its block in these.
+_NOT_IN_A_BLOCK = (
+    "capacity_factor", "min_capacity", "drop_policy", "aux_loss_coef", "z_loss_coef", "aux_loss_scope",
+    "selection_bias_rate", "router_jitter", "eval_capacity_factor",
 )  # fmt: skip
 
 

@@ -10,15 +10,26 @@ for a sharded one from outside.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
-from .config import ACTIVATIONS, MoEConfig
-from .layer import MoELayer
+from .config import (
+    ACTIVATIONS,
+    ExecutionConfig,
+    MoEConfig,
+    check_bool,
+    check_choice,
+    check_int,
+    check_real,
+    from_section,
+)
+from .layer import MoELayer, MoEOutput
 
 _ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "swiglu": F.silu}
 _INIT_STD = 0.02
@@ -57,21 +68,17 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "seq_len", "d_model", "n_layers", "n_heads", "moe_every"):
-            _check_int(name, getattr(self, name))
+            check_int("ModelConfig", name, getattr(self, name), minimum=1)
         if self.d_model % self.n_heads:
             raise ValueError(f"ModelConfig.n_heads={self.n_heads} must divide d_model={self.d_model}")
         if self.d_ff_dense is None:
             object.__setattr__(self, "d_ff_dense", 4 * self.d_model)
-        _check_int("d_ff_dense", self.d_ff_dense)
-        if self.dense_activation not in ACTIVATIONS:
-            raise ValueError(
-                f"ModelConfig.dense_activation must be one of {ACTIVATIONS}, got {self.dense_activation!r}"
-            )
-        eps = self.norm_eps
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps > 0):
-            raise ValueError(f"ModelConfig.norm_eps must be a finite number > 0, got {eps!r}")
-        if not isinstance(self.tie_embeddings, bool):
-            raise ValueError(f"ModelConfig.tie_embeddings must be a bool, got {self.tie_embeddings!r}")
+        check_int("ModelConfig", "d_ff_dense", self.d_ff_dense, minimum=1)
+        check_choice("ModelConfig", "dense_activation", self.dense_activation, ACTIVATIONS)
+        check_real("ModelConfig", "norm_eps", self.norm_eps)
+        if not self.norm_eps > 0:
+            raise ValueError(f"ModelConfig.norm_eps must be > 0, got {self.norm_eps!r}")
+        check_bool("ModelConfig", "tie_embeddings", self.tie_embeddings)
         if self.moe is None:
             return
         if not isinstance(self.moe, MoEConfig):
@@ -100,15 +107,13 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> ModelConfig:
-        """A config from plain values; `moe` may be a dict (-> MoEConfig.from_dict)."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"ModelConfig has no field(s) {unknown}; known: {sorted(known)}")
+        """A config from plain values (a TOML [model] section); `moe` may be a dict (-> MoEConfig)."""
         values = dict(values)
-        if isinstance(values.get("moe"), dict):
-            values["moe"] = MoEConfig.from_dict(values["moe"])
-        return cls(**values)
+        moe = values.pop("moe", None)
+        model = from_section(cls, "model", values)
+        if isinstance(moe, dict):
+            moe = MoEConfig.from_dict(moe)
+        return dataclasses.replace(model, moe=moe) if moe is not None else model
 
 
 class Attention(nn.Module):
@@ -148,21 +153,29 @@ class DenseFFN(nn.Module):
 
 
 class Block(nn.Module):
-    """x + attn(norm(x)), then x + ffn(norm(x)); ffn is an MoELayer or a DenseFFN."""
+    """x + attn(norm(x)), then x + ffn(norm(x)); ffn is an MoELayer or a DenseFFN.
 
-    def __init__(self, config: ModelConfig, index: int):
+    forward(x, choices_before_E=None) -> (x, MoEOutput of its MoE layer, or None when dense).
+    """
+
+    def __init__(self, config: ModelConfig, index: int, execution: ExecutionConfig | None = None):
         super().__init__()
         self.attn_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.attn = Attention(config)
         self.ffn_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         if config.is_moe_block(index):
-            self.ffn = MoELayer(config.moe, group=None, name=f"blocks.{index}.ffn")
+            self.ffn = MoELayer(config.moe, group=None, execution=execution, name=f"blocks.{index}.ffn")
         else:
             self.ffn = DenseFFN(config)
 
-    def forward(self, x_BSD: Tensor) -> Tensor:
+    def forward(
+        self, x_BSD: Tensor, choices_before_E: Tensor | None = None
+    ) -> tuple[Tensor, MoEOutput | None]:
         x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD))
-        return x_BSD + self.ffn(self.ffn_norm(x_BSD))
+        if not isinstance(self.ffn, MoELayer):
+            return x_BSD + self.ffn(self.ffn_norm(x_BSD)), None
+        moe = self.ffn(self.ffn_norm(x_BSD), choices_before_E)
+        return x_BSD + moe.out, moe
 
 
 class Transformer(nn.Module):
@@ -173,25 +186,39 @@ class Transformer(nn.Module):
     Embeddings and Linears ~ N(0, 0.02), the projections back into the residual
     stream ~ N(0, 0.02 / sqrt(2 * n_layers)) (GPT-2); MoE layers keep their own
     layout-independent initialisation.
+
+    `execution`: how the MoE layers run (ExecutionConfig; the defaults if None).
+    `activation_checkpointing` (a plain attribute, off by default): in
+    training, each block's activations are recomputed in the backward
+    (torch.utils.checkpoint, non-reentrant) instead of kept. The MoE layers
+    reuse the forward's routing and counts in that recompute (MoELayer).
     """
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, execution: ExecutionConfig | None = None):
         super().__init__()
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
         self.pos_emb = nn.Embedding(config.seq_len, config.d_model)
         for embedding in (self.tok_emb, self.pos_emb):
             nn.init.normal_(embedding.weight, mean=0.0, std=_INIT_STD)
-        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.blocks = nn.ModuleList(Block(config, i, execution) for i in range(config.n_layers))
         self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         if config.tie_embeddings:
             self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
             self.lm_head.weight = self.tok_emb.weight
         else:
             self.lm_head = _linear(config.d_model, config.vocab_size, _INIT_STD)
+        self.activation_checkpointing = False
 
-    def forward(self, tokens_BS: Tensor) -> Tensor:
-        """tokens [B, S] (integer ids, S <= seq_len) -> logits [B, S, V]."""
+    def forward(
+        self, tokens_BS: Tensor, choices_before: list[Tensor | None] | None = None
+    ) -> tuple[Tensor, list[MoEOutput]]:
+        """tokens [B, S] (integer ids, S <= seq_len) -> (logits [B, S, V], an MoEOutput per MoE layer).
+
+        choices_before: per MoE layer (in `moe_layers` order), this rank's
+        choices per expert in the step's earlier micro-batches, for the
+        "global_batch" aux loss (None: the first micro-batch).
+        """
         if tokens_BS.dim() != 2 or not 1 <= tokens_BS.shape[1] <= self.config.seq_len:
             raise ValueError(
                 f"Transformer expects tokens [B, S] with 1 <= S <= seq_len={self.config.seq_len}, "
@@ -199,28 +226,40 @@ class Transformer(nn.Module):
             )
         positions_S = torch.arange(tokens_BS.shape[1], device=tokens_BS.device)
         x_BSD = self.tok_emb(tokens_BS) + self.pos_emb(positions_S)
+        before = iter(choices_before or [])
+        outputs = []
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            x_BSD = block(x_BSD)
-        return self.lm_head(self.norm(x_BSD))
+            choices_E = next(before, None) if isinstance(block.ffn, MoELayer) else None
+            if recompute:
+                x_BSD, moe = checkpoint(block, x_BSD, choices_E, use_reentrant=False)
+            else:
+                x_BSD, moe = block(x_BSD, choices_E)
+            if moe is not None:
+                outputs.append(moe)
+        return self.lm_head(self.norm(x_BSD)), outputs
 
-    def loss(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
-        """tokens [B, S + 1] -> (lm_loss, aux_loss).
+    def loss(
+        self, tokens: Tensor, choices_before: list[Tensor | None] | None = None
+    ) -> tuple[Tensor, Tensor, list[MoEOutput]]:
+        """tokens [B, S + 1] -> (lm_loss, aux_loss, an MoEOutput per MoE layer).
 
         lm_loss: mean cross-entropy of predicting tokens[:, 1:] from tokens[:, :-1].
         aux_loss: sum over the MoE layers of their `aux_loss` for this forward
         (coefficients already applied; a 0.0 tensor without MoE layers).
+        choices_before: as in `forward`.
         """
         if tokens.dim() != 2 or tokens.shape[1] < 2:
             raise ValueError(
                 f"Transformer.loss expects tokens [B, S + 1] with S >= 1, got {tuple(tokens.shape)}"
             )
-        logits_BSV = self(tokens[:, :-1])
+        logits_BSV, outputs = self(tokens[:, :-1], choices_before)
         # NOTE: fp32 cross-entropy, so that low-precision logits do not lose the loss's small differences.
         lm_loss = F.cross_entropy(logits_BSV.flatten(0, 1).float(), tokens[:, 1:].reshape(-1))
         aux_loss = torch.zeros((), device=lm_loss.device)
-        for _, layer in self.moe_layers():
-            aux_loss = aux_loss + layer.aux_loss
-        return lm_loss, aux_loss
+        for moe in outputs:
+            aux_loss = aux_loss + moe.aux_loss
+        return lm_loss, aux_loss, outputs
 
     def moe_layers(self) -> list[tuple[str, MoELayer]]:
         """(name, layer) for every MoE feed-forward, in block order; names are `blocks.{i}.ffn`."""
@@ -264,7 +303,7 @@ class Transformer(nn.Module):
             )
         tokens_S = prompt_tokens
         for _ in range(max_new_tokens):
-            logits_V = self(tokens_S[-self.config.seq_len :].unsqueeze(0))[0, -1].float()
+            logits_V = self(tokens_S[-self.config.seq_len :].unsqueeze(0))[0][0, -1].float()
             if temperature == 0:
                 next_1 = logits_V.argmax().view(1)
             else:
@@ -286,10 +325,3 @@ def _linear(d_in: int, d_out: int, std: float) -> nn.Linear:
 def _residual_std(config: ModelConfig) -> float:
     """GPT-2: each of the 2 * n_layers residual additions is scaled down, so the stream keeps its variance."""
     return _INIT_STD / math.sqrt(2 * config.n_layers)
-
-
-def _check_int(name: str, value: object, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"ModelConfig.{name} must be an int, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"ModelConfig.{name} must be >= {minimum}, got {value!r}")

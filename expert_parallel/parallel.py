@@ -69,7 +69,8 @@ def shard_experts(
     for name, module in list(model.named_modules()):
         if not isinstance(module, MoELayer) or module.group is not None or module.stats_group is not None:
             continue
-        sharded = MoELayer(module.config, ep_group, stats_group, name=name).to(module.router.weight.device)
+        sharded = MoELayer(module.config, ep_group, stats_group, execution=module.execution, name=name)
+        sharded = sharded.to(module.router.weight.device)
         sharded.router.load_state_dict(module.router.state_dict())
         if module.shared_experts is not None:
             sharded.shared_experts.load_state_dict(module.shared_experts.state_dict())

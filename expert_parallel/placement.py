@@ -6,10 +6,13 @@ s = (E + R) / P physical experts per rank. Physical expert id = rank * s + slot.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+from .router import Routing
 
 
 @dataclass(frozen=True)
@@ -141,3 +144,39 @@ def _check(num_experts: int, num_ranks: int, num_redundant: int) -> None:
             f"num_experts + num_redundant = {num_experts} + {num_redundant} = {num_experts + num_redundant} "
             f"physical experts do not divide evenly over num_ranks={num_ranks}"
         )
+
+
+def to_physical(routing: Routing, placement: Placement, rank: int) -> Routing:
+    """`routing` with each kept assignment's logical expert replaced by one of its physical replicas.
+
+    This rank's kept rows for logical expert g, in token order (slot t * K + k),
+    are c rows; g has n replicas; row j goes to replica (floor(j * n / c) + rank) % n
+    (of logical_to_physical[g], ascending physical ids). Adding the rank
+    spreads experts with few rows per rank (c < n) over all their replicas.
+    Example: c = 5, n = 2, rank = 1: rows 0-2 -> replica 1, rows 3-4 -> replica 0.
+    Dropped slots keep their id (unused). tokens_per_expert becomes [P * s] per physical expert.
+    """
+    device = routing.expert_ids.device
+    replica_count_E = placement.replica_count.to(device)
+    num_experts, num_physical = replica_count_E.numel(), placement.physical_to_logical.numel()
+    keep_N = routing.keep.reshape(-1)
+    logical_N = torch.where(keep_N, routing.expert_ids.reshape(-1), num_experts)
+    # NOTE: stable, so each expert's rows keep token order.
+    order_N = logical_N.argsort(stable=True)
+    sorted_N = logical_N[order_N]
+    counts_E1 = torch.zeros(num_experts + 1, dtype=torch.long, device=device)
+    counts_E1.scatter_add_(0, logical_N, torch.ones_like(logical_N))
+    starts_E1 = counts_E1.cumsum(0) - counts_E1
+    j_N = torch.arange(sorted_N.numel(), device=device) - starts_E1[sorted_N]
+    count_E1 = F.pad(replica_count_E, (0, 1), value=1)
+    n_N, c_N = count_E1[sorted_N], counts_E1[sorted_N].clamp_min(1)
+    replica_N = (j_N * n_N // c_N + rank) % n_N
+    physical_EX = F.pad(placement.logical_to_physical.to(device), (0, 0, 0, 1), value=0)
+    physical_N = torch.empty_like(logical_N)
+    physical_N[order_N] = physical_EX[sorted_N, replica_N]
+    physical_N = torch.where(keep_N, physical_N, routing.expert_ids.reshape(-1))
+    tokens_per_physical = torch.zeros(num_physical, dtype=torch.long, device=device)
+    tokens_per_physical.scatter_add_(0, physical_N, keep_N.long())
+    return replace(
+        routing, expert_ids=physical_N.view_as(routing.expert_ids), tokens_per_expert=tokens_per_physical
+    )

@@ -55,6 +55,7 @@ def route(
     selection_bias_E: Tensor | None = None,
     training: bool = True,
     sequence_length: int | None = None,
+    decided: tuple[Tensor, Tensor] | None = None,
 ) -> Routing:
     """Route T tokens given their router logits [T, E].
 
@@ -73,8 +74,16 @@ def route(
     forced_expert_ids_TK: for benchmarks and tests only (skewed or adversarial
         loads): use these [T, K] distinct expert ids per token instead of the
         scores' choice; weights, capacity and losses follow as usual.
+    decided: (expert_ids [T, K], keep [T, K]) of an earlier call on the same
+        tokens: reuse that choice and those drops, recompute everything
+        differentiable from `logits_TE`. The layer passes it when activation
+        checkpointing recomputes a forward, so that near-ties cannot flip.
+
+    NOTE: under torch.compile the host-synchronising input checks are skipped
+    (they would break the graph); eager runs keep them.
     """
-    _check_logits(logits_TE, config)
+    if not torch.compiler.is_compiling():
+        _check_logits(logits_TE, config)
     logits_TE = logits_TE.float()
     num_tokens = logits_TE.shape[0]
 
@@ -85,10 +94,14 @@ def route(
         # computed in log space so that scores that underflow to 0 cannot give 0 / 0.
         probs_TE = F.softmax(F.logsigmoid(logits_TE), dim=-1)
 
-    if forced_expert_ids_TK is not None:
+    if decided is not None:
+        expert_ids_TK = decided[0]
+    elif forced_expert_ids_TK is not None:
         expert_ids_TK = _check_forced(forced_expert_ids_TK, num_tokens, config)
     else:
-        expert_ids_TK = _choose_experts(logits_TE, probs_TE, selection_bias_E, config)
+        # NOTE: detached: the choice is not differentiable, and a sort on the graph would save
+        # tensors that an activation-checkpointing recompute reusing the choice does not.
+        expert_ids_TK = _choose_experts(logits_TE.detach(), probs_TE.detach(), selection_bias_E, config)
     topk_logits_TK = logits_TE.gather(1, expert_ids_TK)
 
     if config.score_func == "softmax":
@@ -104,7 +117,11 @@ def route(
         weights_TK = weights_TK * config.routed_scaling_factor
 
     capacity = config.capacity(num_tokens, training)
-    if capacity is None:
+    if decided is not None:
+        keep_TK = decided[1]
+        if capacity is not None:
+            weights_TK = weights_TK * keep_TK
+    elif capacity is None:
         keep_TK = torch.ones_like(expert_ids_TK, dtype=torch.bool)
     else:
         keep_TK = keep_within_capacity(
@@ -230,7 +247,8 @@ def keep_within_capacity(
         priority_N = torch.arange(num_assignments, device=device)
     # NOTE: stable, so each expert's queue keeps the priority order.
     queue_N = priority_N[expert_ids_N[priority_N].argsort(stable=True)]
-    counts_E = torch.bincount(expert_ids_N, minlength=num_experts)
+    # NOTE: a scatter, not bincount, whose output size depends on the data (a torch.compile graph break).
+    counts_E = _count(expert_ids_N, torch.ones_like(expert_ids_N), num_experts)
     starts_E = counts_E.cumsum(0) - counts_E
     slot_N = torch.arange(num_assignments, device=device) - starts_E[expert_ids_N[queue_N]]
     keep_N = torch.empty(num_assignments, dtype=torch.bool, device=device)

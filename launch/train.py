@@ -26,6 +26,7 @@ import os
 import resource
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -35,12 +36,11 @@ import torch.distributed as dist
 
 import expert_parallel as ep
 from expert_parallel import checkpoint, data
-from expert_parallel.config import from_section, load_toml
+from expert_parallel.config import ExecutionConfig, from_section, load_toml
 from expert_parallel.model import ModelConfig, Transformer
 from expert_parallel.parallel import Layout, expert_parameters, make_layout, shard_experts, sum_gradients
 from expert_parallel.placement import balance, contiguous
-from launch import plot_load
-from launch.bench_tools import forced_expert_ids
+from launch import expert_load
 
 
 @dataclass(frozen=True)
@@ -60,18 +60,13 @@ class TrainConfig:
     eval_batches: int = 8
     log_every: int = 10
     max_corpus_bytes: int | None = None  # cap on each of train and validation text (None: all)
-    # Benchmarks only: override every MoE layer's choice of experts in training forwards with
-    # "uniform", "zipf" (Zipf(1) over expert ids) or "one" (all-to-one) loads; None: the router's.
-    forced_routing: str | None = None
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward
+    compile: bool = False  # torch.compile each block (the MoE exchanges run between its graphs)
 
     def __post_init__(self) -> None:
         for name in ("steps", "global_batch", "micro_batch", "eval_every", "eval_batches", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        if self.forced_routing not in (None, "uniform", "zipf", "one"):
-            raise ValueError(
-                f'train.forced_routing must be "uniform", "zipf", "one" or none, got {self.forced_routing!r}'
-            )
         if self.checkpoint_every < 0 or self.warmup_steps < 0 or self.lr <= 0:
             raise ValueError("train.checkpoint_every and train.warmup_steps must be >= 0, train.lr > 0")
 
@@ -103,12 +98,15 @@ class RunConfig:
     model: ModelConfig
     train: TrainConfig
     parallel: ParallelConfig
+    execution: ExecutionConfig = ExecutionConfig()  # how the MoE layers run
+
+    SECTIONS = ("model", "moe", "execution", "train", "parallel")
 
     @classmethod
     def from_tree(cls, tree: dict) -> RunConfig:
-        unknown = sorted(set(tree) - {"model", "moe", "train", "parallel"})
+        unknown = sorted(set(tree) - set(cls.SECTIONS))
         if unknown:
-            raise ValueError(f"unknown section(s) {unknown}; known: model, moe, train, parallel")
+            raise ValueError(f"unknown section(s) {unknown}; known: {', '.join(cls.SECTIONS)}")
         model = dict(tree.get("model", {}))
         if "moe" in tree:
             model["moe"] = {"d_model": model.get("d_model"), **tree["moe"]}
@@ -116,10 +114,16 @@ class RunConfig:
             model=ModelConfig.from_dict(model),
             train=from_section(TrainConfig, "train", tree.get("train", {})),
             parallel=from_section(ParallelConfig, "parallel", tree.get("parallel", {})),
+            execution=from_section(ExecutionConfig, "execution", tree.get("execution", {})),
         )
 
     def to_dict(self) -> dict:
-        return {"model": self.model.to_dict(), "train": asdict(self.train), "parallel": asdict(self.parallel)}
+        return {
+            "model": self.model.to_dict(),
+            "execution": self.execution.to_dict(),
+            "train": asdict(self.train),
+            "parallel": asdict(self.parallel),
+        }
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
@@ -160,9 +164,22 @@ def global_grad_norm(model: Transformer, layout: Layout) -> torch.Tensor:
     return (dense_sq + expert_sq).sqrt()
 
 
+# Called before each training forward with (MoE layers, tokens in the micro-batch, micro-batch index,
+# step, rank); benchmarks use it to force routing (benchmarks/train_forced.py).
+BeforeForward = Callable[[list, int, int, int, int], None]
+
+
 class Trainer:
-    def __init__(self, config: RunConfig, layout: Layout, device: torch.device):
+    def __init__(
+        self,
+        config: RunConfig,
+        layout: Layout,
+        device: torch.device,
+        *,
+        before_forward: BeforeForward | None = None,
+    ):
         self.config, self.layout, self.device = config, layout, device
+        self.before_forward = before_forward
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         train = config.train
         if train.global_batch % (train.micro_batch * layout.world):
@@ -172,10 +189,14 @@ class Trainer:
             )
         self.micro_batches_per_step = train.global_batch // train.micro_batch
         torch.manual_seed(train.seed)
-        model = Transformer(config.model)
+        model = Transformer(config.model, config.execution)
         # Load statistics (global-batch aux loss, selection bias) are summed over every rank.
         shard_experts(model, layout.ep_group, dist.group.WORLD if layout.world > 1 else None)
         self.model = model.to(device)
+        self.model.activation_checkpointing = train.activation_checkpointing
+        if train.compile:
+            for block in self.model.blocks:
+                block.compile()
         parallel = config.parallel
         moe_layers = [layer for _, layer in self.model.moe_layers()]
         self.load_ema = [torch.zeros(layer.config.num_experts, dtype=torch.float64) for layer in moe_layers]
@@ -232,15 +253,22 @@ class Trainer:
         mine = data.micro_batches(batch, self.rank, layout.world, train.micro_batch)
         lm_sum, aux_sum, dropped, routed = 0.0, 0.0, 0, 0
         load_E = [torch.zeros(layer.config.num_experts, dtype=torch.float64) for layer in moe_layers]
+        # This step's choices per expert so far, per layer (global-batch aux loss, selection bias).
+        choices_E: list[torch.Tensor | None] = [None] * len(moe_layers)
         for micro, tokens in enumerate(mine):
-            self.force_routing(moe_layers, tokens.shape[0] * (tokens.shape[1] - 1), micro)
-            lm_loss, aux_loss = self.model.loss(tokens.to(self.device))
+            self.prepare_forward(moe_layers, tokens.shape[0] * (tokens.shape[1] - 1), micro)
+            lm_loss, aux_loss, outputs = self.model.loss(tokens.to(self.device), choices_E)
             ((lm_loss + aux_loss) / self.micro_batches_per_step).backward()
-            lm_loss, aux_loss = lm_loss.detach(), aux_loss.detach()
             lm_sum, aux_sum = lm_sum + lm_loss.item(), aux_sum + aux_loss.item()
-            for layer, load in zip(moe_layers, load_E):
-                load += layer.stats.tokens_per_expert.double().cpu()
-                dropped, routed = dropped + layer.stats.num_dropped, routed + layer.stats.num_routed
+            for i, (moe, load) in enumerate(zip(outputs, load_E)):
+                stats = moe.stats
+                load += stats.tokens_per_expert.double().cpu()
+                dropped, routed = dropped + int(stats.num_dropped), routed + stats.num_routed
+                before = choices_E[i]
+                choices_E[i] = (
+                    stats.choices_per_expert if before is None else before + stats.choices_per_expert
+                )
+            del outputs
         exchange_s = sum(layer.exchange_clock.reset() for layer in moe_layers)
         sum_gradients(self.model, layout)
         grad_norm = global_grad_norm(self.model, layout)
@@ -253,8 +281,8 @@ class Trainer:
             group["lr"] = lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        for layer in moe_layers:
-            layer.after_optimizer_step()
+        for layer, step_choices_E in zip(moe_layers, choices_E):
+            layer.after_optimizer_step(step_choices_E)
         self.step += 1
 
         totals = self.all_sum(
@@ -302,16 +330,10 @@ class Trainer:
         for layer, ema in zip(moe_layers, self.load_ema):
             layer.apply_placement(balance(ema, self.layout.ep, parallel.redundant_experts), self.optimizer)
 
-    def force_routing(self, moe_layers: list, num_tokens: int, micro: int) -> None:
-        """train.forced_routing (benchmarks only): set each layer's forced expert ids for the next forward."""
-        kind = self.config.train.forced_routing
-        if kind is None:
-            return
-        seed = ((self.config.train.seed * 1_000_003 + self.step) * 1_009 + self.rank) * 101 + micro
-        generator = torch.Generator().manual_seed(seed)
-        for layer in moe_layers:
-            ids = forced_expert_ids(kind, num_tokens, layer.config.num_experts, layer.config.top_k, generator)
-            layer.forced_expert_ids = ids.to(self.device)
+    def prepare_forward(self, moe_layers: list, num_tokens: int, micro: int) -> None:
+        """Call the before_forward hook, if any, for the next training forward."""
+        if self.before_forward is not None:
+            self.before_forward(moe_layers, num_tokens, micro, self.step, self.rank)
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -322,7 +344,8 @@ class Trainer:
             self.val_corpus, train.eval_batches * world, size, self.config.model.seq_len
         )
         self.model.eval()
-        forced = [(layer, layer.forced_expert_ids) for _, layer in self.model.moe_layers()]
+        hooked = self.before_forward is not None  # a hook may have forced the routing
+        forced = [(layer, layer.forced_expert_ids) for _, layer in self.model.moe_layers()] if hooked else []
         for layer, _ in forced:  # evaluation routes by the router (micro-batch sizes differ too)
             layer.forced_expert_ids = None
         total = sum(self.model.loss(b.to(self.device))[0].item() for b in batches[self.rank :: world])
@@ -372,7 +395,7 @@ class Trainer:
         }
         if self.rank == 0:
             (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-            self.say(plot_load.write_png(metrics_path, self.out_dir / "expert_load.png"))
+            self.say(expert_load.write_png(metrics_path, self.out_dir / "expert_load.png"))
         return summary
 
     def log(self, row: dict, started: float, tokens_done: int) -> None:
@@ -419,15 +442,18 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--config", required=True)
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args(argv)
-    config = RunConfig.from_tree(load_toml(args.config, args.overrides))
+    return run_training(RunConfig.from_tree(load_toml(args.config, args.overrides)))
 
+
+def run_training(config: RunConfig, before_forward: BeforeForward | None = None) -> int:
+    """Set up the process group (under torchrun), train, tear it down; the exit code."""
     device = torch.device("cpu")
     if "WORLD_SIZE" in os.environ:  # under torchrun
         timeout = timedelta(seconds=config.parallel.timeout_s)
         device = ep.init_distributed(config.parallel.backend, timeout=timeout)
     try:
         layout = make_layout(config.parallel.ep, device.type)
-        trainer = Trainer(config, layout, device)
+        trainer = Trainer(config, layout, device, before_forward=before_forward)
         trainer.say(
             f"{layout.world} rank(s): dp {layout.dp} x ep {layout.ep}; "
             f"{trainer.model.num_params() / 1e6:.2f}M parameters, "

@@ -1,0 +1,414 @@
+"""Dispatchers: how routed rows reach the ranks holding their experts, and how the outputs come back.
+
+One interface, three ways of moving tokens:
+
+    counts = dispatcher.exchange_counts(x, routing, problem, device)   # None without a group
+    chunks, record = dispatcher.dispatch(x_TD, routing, counts)
+    y_chunks = (experts(c.x, c.rows_per_expert) for c in chunks)
+    out_TO = dispatcher.combine(y_chunks, record)
+
+- LocalDispatcher: no group; every expert is on this rank.
+- AllToAllDispatcher: each kept (token, expert) pair is one all-to-all row;
+  with ExecutionConfig.exchange_chunks > 1 the local experts form chunks
+  whose exchanges and GEMMs are pipelined.
+- RankDispatcher: each token travels once to each rank holding one of its
+  experts, is expanded to those experts there, and their weighted outputs
+  come back summed into one row.
+
+`chunks` is lazy: chunk c's rows are waited for only when the experts reach
+it, and `combine` starts sending chunk c's outputs back before it asks for
+chunk c + 1's, which is what overlaps the exchanges with the GEMMs. The
+record is frozen and holds everything `combine` needs, so nothing is kept on
+the dispatcher between the two calls. The counts are a separate step, so that
+an activation-checkpointing recompute can pass the forward's counts instead
+of exchanging them again.
+
+Redundant experts: with a placement, each logical expert id becomes one of
+its physical replicas (placement.to_physical) before planning; counts,
+splits and local experts are physical. The router, the aux losses and the
+layer's statistics stay logical.
+
+Legend: T tokens, D d_model, O d_out, K choices, N = T * K slots, E' physical
+experts (P * e), e local experts, P ranks, R rows this rank sends, S rows it
+receives for its experts, A (row, expert) assignments on the expert's rank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+from . import comm
+from .config import ExecutionConfig
+from .dispatch import (
+    DispatchPlan,
+    PaddedPlan,
+    RankDispatchPlan,
+    combine,
+    combine_padded,
+    expand_by_expert,
+    inverse_permutation,
+    permute,
+    permute_padded,
+    permute_rows,
+    plan_dispatch,
+    plan_padded,
+    plan_rank_dispatch,
+    source_to_expert_order,
+    sum_rows,
+    weighted_sum,
+)
+from .placement import Placement, to_physical
+from .router import Routing
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """Which experts this rank holds: physical experts rank * e ... rank * e + e - 1 of P * e.
+
+    Without a placement physical and logical ids are the same; with one,
+    placement.physical_to_logical[rank] names the logical expert of each.
+    """
+
+    rank: int
+    size: int
+    num_local_experts: int
+    placement: Placement | None = None
+
+    @property
+    def first_expert(self) -> int:
+        return self.rank * self.num_local_experts
+
+    def physical(self, routing: Routing) -> Routing:
+        return routing if self.placement is None else to_physical(routing, self.placement, self.rank)
+
+
+@dataclass(frozen=True)
+class ExpertRows:
+    """What the local experts need for one chunk.
+
+    x: [S, D] rows grouped by local expert, with rows_per_expert [e] host
+    ints (0 outside the chunk); or rows_per_expert an [e] tensor of counts
+    (still on the device, for torch.compile); or x [e, C, D] padded slots
+    with rows_per_expert None.
+    """
+
+    x: Tensor
+    rows_per_expert: list[int] | Tensor | None
+
+
+@dataclass(frozen=True)
+class GroupCounts:
+    """The result of the count exchange: host ints every rank agrees on.
+
+    rows_PE: [P][E'] kept rows of every rank per physical expert.
+    rows_PP: [P][P] rows from each rank to each rank (once-per-rank dispatch; [] per rank otherwise).
+    rank_plan: this rank's once-per-rank plan, made to count its rows (None otherwise).
+    """
+
+    rows_PE: list[list[int]]
+    rows_PP: list[list[int]]
+    rank_plan: RankDispatchPlan | None = None
+
+
+class LocalDispatcher:
+    """No group: the rows are permuted by expert and put back, nothing travels.
+
+    Under torch.compile the shapes stay static: capacity routing fills E * C
+    padded slots (batched GEMMs), dropless routing keeps every slot as a row
+    and hands the experts device counts (their one host sync).
+    """
+
+    def __init__(self, layout: ExpertLayout, execution: ExecutionConfig, where: str):
+        self.layout, self.execution, self.where = layout, execution, where
+
+    def exchange_counts(self, x: object, routing: Routing | None, problem, device: torch.device) -> None:
+        if problem is not None:
+            raise problem[0](f"{self.where}: {problem[1]}")
+        return None
+
+    def dispatch(self, x_TD: Tensor, routing: Routing, counts: None) -> tuple[list[ExpertRows], _LocalRecord]:
+        physical = self.layout.physical(routing)
+        if torch.compiler.is_compiling() and routing.capacity is not None:
+            padded = plan_padded(physical, routing.capacity)
+            return [ExpertRows(permute_padded(x_TD, padded), None)], _LocalRecord(
+                routing.weights, None, padded
+            )
+        if torch.compiler.is_compiling():
+            plan = plan_dispatch(physical, host_counts=False)
+            chunk = ExpertRows(permute(x_TD, plan), physical.tokens_per_expert)
+            return [chunk], _LocalRecord(routing.weights, plan, None)
+        plan = plan_dispatch(physical)
+        check_expert_load([plan.rows_per_expert], self.execution, self.where)
+        return [ExpertRows(permute(x_TD, plan), plan.rows_per_expert)], _LocalRecord(
+            routing.weights, plan, None
+        )
+
+    def combine(self, y_chunks: Iterable[Tensor], record: _LocalRecord) -> Tensor:
+        (y,) = list(y_chunks)
+        if record.padded is not None:
+            return combine_padded(y, record.weights_TK, record.padded)
+        return combine(y, record.weights_TK, record.plan)
+
+
+@dataclass(frozen=True)
+class _LocalRecord:
+    weights_TK: Tensor
+    plan: DispatchPlan | None
+    padded: PaddedPlan | None
+    rows_sent_away: int = 0
+
+
+class _GroupDispatcher:
+    """The count exchange every group dispatcher starts with, and the checks it makes possible."""
+
+    def __init__(
+        self, layout: ExpertLayout, execution: ExecutionConfig, group, where: str, clock: comm.ExchangeClock
+    ):
+        self.layout, self.execution, self.group, self.where, self.clock = (
+            layout,
+            execution,
+            group,
+            where,
+            clock,
+        )
+
+    counts_rows_per_rank = False  # once-per-rank dispatch also exchanges rows per destination rank
+
+    def _rank_plan(self, physical: Routing) -> RankDispatchPlan | None:
+        return None
+
+    def exchange_counts(
+        self, x: object, routing: Routing | None, problem, device: torch.device
+    ) -> GroupCounts:
+        """Every rank's kept rows per physical expert (and per destination rank); fails on every
+        rank at once if any rank's input is bad, ranks disagree on dtype or grad mode, or an
+        expert would get more rows than ExecutionConfig.max_tokens_per_expert.
+
+        NOTE: counts go first, in a fixed-size collective, because the token
+        all-to-all needs every rank's split sizes. Host sync.
+        """
+        layout = self.layout
+        num_physical = layout.size * layout.num_local_experts
+        rank_plan = None
+        if routing is None:  # this rank's input was bad: it still takes part, with no rows
+            extra = layout.size if self.counts_rows_per_rank else 0
+            counts = torch.zeros(num_physical + extra, dtype=torch.long, device=device)
+        else:
+            physical = layout.physical(routing)
+            counts = physical.tokens_per_expert
+            rank_plan = self._rank_plan(physical)
+            if rank_plan is not None:
+                counts = torch.cat([counts, torch.tensor(rank_plan.rows_per_rank, device=counts.device)])
+        dtype_code = _DTYPE_CODES.get(x.dtype, -1) if isinstance(x, Tensor) else -1
+        # Ranks building a graph and ranks not would disagree on the backward's exchanges: a hang.
+        status = [int(problem is not None), dtype_code, int(torch.is_grad_enabled())]
+        counts_PX, status_P = comm.gather_counts(counts, status, self.group, self.clock)
+        if problem is not None:
+            raise problem[0](f"{self.where}: {problem[1]}")
+        _check_status(status_P, self.where)
+        rows_PE = [row[:num_physical] for row in counts_PX]
+        check_expert_load(rows_PE, self.execution, self.where)
+        return GroupCounts(rows_PE, [row[num_physical:] for row in counts_PX], rank_plan)
+
+
+class AllToAllDispatcher(_GroupDispatcher):
+    """Each kept (token, expert) pair is one row; rows grouped chunk-major, one all-to-all per chunk.
+
+    Every chunk's dispatch starts at once; chunk c's experts run as soon as
+    its rows have arrived, and its outputs start back while chunk c + 1's
+    experts run. Forward and backward overlap alike (comm.start_all_to_all).
+    """
+
+    def dispatch(
+        self, x_TD: Tensor, routing: Routing, counts: GroupCounts
+    ) -> tuple[Iterator[ExpertRows], _AllToAllRecord]:
+        layout = self.layout
+        size, e, first = layout.size, layout.num_local_experts, layout.first_expert
+        bounds = chunk_bounds(e, self.execution.exchange_chunks)
+        plan = plan_dispatch(_chunk_major(layout.physical(routing), bounds, size))
+        rows_per_block = iter(plan.rows_per_expert)  # (chunk, destination rank, local expert)
+        chunks = []
+        for a, b in bounds:
+            send = [sum(next(rows_per_block) for _ in range(b - a)) for _ in range(size)]
+            rows_from_Pj = [row[first + a : first + b] for row in counts.rows_PE]
+            recv = [sum(row) for row in rows_from_Pj]
+            rows_per_local = [0] * a + [sum(column) for column in zip(*rows_from_Pj)] + [0] * (e - b)
+            order = None
+            if b - a > 1:  # received source-major; the GEMMs want each expert's rows together
+                by_expert_S = source_to_expert_order(rows_from_Pj, x_TD.device)
+                order = (by_expert_S, inverse_permutation(by_expert_S))
+            chunks.append(_Chunk(send, recv, rows_per_local, order))
+        x_parts = permute(x_TD, plan).split([sum(c.send) for c in chunks])
+        arriving = [
+            comm.start_all_to_all(x_cD, c.recv, c.send, self.group, "dispatch", self.clock)
+            for x_cD, c in zip(x_parts, chunks)
+        ]
+        rows_to_self = sum(c.send[layout.rank] for c in chunks)
+        record = _AllToAllRecord(routing.weights, plan, tuple(chunks), plan.num_rows - rows_to_self)
+        return _arrivals(chunks, arriving), record
+
+    def combine(self, y_chunks: Iterable[Tensor], record: _AllToAllRecord) -> Tensor:
+        returning = []
+        for chunk, y_SO in zip(record.chunks, y_chunks):
+            if chunk.order is not None:
+                by_expert_S, by_source_S = chunk.order
+                y_SO = permute_rows(y_SO, by_source_S, by_expert_S)
+            returning.append(
+                comm.start_all_to_all(y_SO, chunk.send, chunk.recv, self.group, "combine", self.clock)
+            )
+        y_parts = [comm.finish_all_to_all(*started) for started in returning]
+        y_RO = y_parts[0] if len(y_parts) == 1 else torch.cat(y_parts)
+        return combine(y_RO, record.weights_TK, record.plan)
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    """One chunk of local experts: rows sent to / received from each rank, rows per local expert,
+    and (by_expert_S, by_source_S) where received rows are regrouped by expert (None: one expert)."""
+
+    send: list[int]
+    recv: list[int]
+    rows_per_local_expert: list[int]
+    order: tuple[Tensor, Tensor] | None
+
+
+@dataclass(frozen=True)
+class _AllToAllRecord:
+    weights_TK: Tensor
+    plan: DispatchPlan
+    chunks: tuple[_Chunk, ...]
+    rows_sent_away: int
+
+
+def _arrivals(chunks: list[_Chunk], arriving: list) -> Iterator[ExpertRows]:
+    """Each chunk's rows as the experts reach it: wait for its exchange, regroup by expert."""
+    for chunk, started in zip(chunks, arriving):
+        x_SD = comm.finish_all_to_all(*started)
+        if chunk.order is not None:
+            by_expert_S, by_source_S = chunk.order
+            x_SD = permute_rows(x_SD, by_expert_S, by_source_S)
+        yield ExpertRows(x_SD, chunk.rows_per_local_expert)
+
+
+class RankDispatcher(_GroupDispatcher):
+    """Once per rank: three exchanges out (rows, their weights, their local expert ids), one back.
+
+    The weights travel so that the expert's rank can sum a token's outputs
+    into one row; their gradient comes back through the same exchange.
+    """
+
+    counts_rows_per_rank = True
+
+    def _rank_plan(self, physical: Routing) -> RankDispatchPlan:
+        return plan_rank_dispatch(physical, self.layout.size)
+
+    def dispatch(
+        self, x_TD: Tensor, routing: Routing, counts: GroupCounts
+    ) -> tuple[list[ExpertRows], _RankRecord]:
+        layout, tag = self.layout, self.clock
+        plan = counts.rank_plan
+        send = plan.rows_per_rank
+        recv = [row[layout.rank] for row in counts.rows_PP]
+        x_RD = x_TD.index_select(0, plan.token_R)
+        weights_RK = routing.weights.index_select(0, plan.token_R) * plan.choice_RK
+        x_SD = comm.all_to_all(x_RD, recv, send, self.group, "dispatch", tag)
+        weights_SK = comm.all_to_all(weights_RK, recv, send, self.group, "weights", tag)
+        experts_SK = comm.all_to_all(plan.local_expert_RK, recv, send, self.group, "ids", tag)
+        row_A, slot_SK, rows_per_local_expert = expand_by_expert(experts_SK, layout.num_local_experts)
+        record = _RankRecord(plan, send, recv, weights_SK, slot_SK, plan.num_rows - send[layout.rank])
+        return [ExpertRows(x_SD.index_select(0, row_A), rows_per_local_expert)], record
+
+    def combine(self, y_chunks: Iterable[Tensor], record: _RankRecord) -> Tensor:
+        (y_AO,) = list(y_chunks)
+        z_SO = weighted_sum(y_AO, record.weights_SK, record.slot_SK)
+        z_RO = comm.all_to_all(z_SO, record.send, record.recv, self.group, "combine", self.clock)
+        return sum_rows(z_RO, record.plan.row_TK)
+
+
+@dataclass(frozen=True)
+class _RankRecord:
+    plan: RankDispatchPlan
+    send: list[int]
+    recv: list[int]
+    weights_SK: Tensor
+    slot_SK: Tensor
+    rows_sent_away: int
+
+
+def make_dispatcher(
+    layout: ExpertLayout, execution: ExecutionConfig, group, where: str, clock: comm.ExchangeClock
+):
+    """The dispatcher for this layout: local without a group, else by ExecutionConfig.dispatch."""
+    if group is None:
+        return LocalDispatcher(layout, execution, where)
+    if execution.dispatch == "once_per_rank":
+        return RankDispatcher(layout, execution, group, where, clock)
+    return AllToAllDispatcher(layout, execution, group, where, clock)
+
+
+def check_expert_load(rows_PE: list[list[int]], execution: ExecutionConfig, where: str) -> None:
+    """Refuse, on every rank alike, a forward that would send an expert more rows than its cap."""
+    cap = execution.max_tokens_per_expert
+    if cap is None:
+        return
+    load_E = [sum(column) for column in zip(*rows_PE)]
+    heaviest = max(range(len(load_E)), key=load_E.__getitem__)
+    if load_E[heaviest] > cap:
+        raise ValueError(
+            f"{where}: expert {heaviest} would receive {load_E[heaviest]} rows in one forward, "
+            f"over ExecutionConfig.max_tokens_per_expert={cap}; the router sends it too many tokens: "
+            f"set a capacity_factor, raise the cap, or rebalance the router"
+        )
+
+
+def chunk_bounds(num_local_experts: int, chunks: int) -> list[tuple[int, int]]:
+    """[a, b) local expert ranges of `chunks` near-equal chunks (at most one per expert)."""
+    n = min(chunks, num_local_experts)
+    return [(c * num_local_experts // n, (c + 1) * num_local_experts // n) for c in range(n)]
+
+
+def _chunk_major(routing: Routing, bounds: list[tuple[int, int]], size: int) -> Routing:
+    """`routing` with expert ids renumbered so that sorting by id groups rows by
+    (chunk, destination rank, local expert): each chunk's rows are then one
+    contiguous all-to-all input. With one chunk the order is the experts' own.
+
+    Example, 2 ranks of 4 local experts, bounds [(0, 2), (2, 4)]: global
+    experts in the order 0 1 4 5 2 3 6 7, so expert 4 gets id 2.
+    """
+    if len(bounds) == 1:
+        return routing
+    e = bounds[-1][1]
+    order = [p * e + j for a, b in bounds for p in range(size) for j in range(a, b)]
+    order_E = torch.tensor(order, device=routing.expert_ids.device)
+    position_E = inverse_permutation(order_E)
+    return replace(
+        routing,
+        expert_ids=position_E[routing.expert_ids],
+        tokens_per_expert=routing.tokens_per_expert[order_E],
+    )
+
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_DTYPE_CODES = {dtype: code for code, dtype in enumerate(_DTYPES)}
+
+
+def _check_status(status_P: list[list[int]], where: str) -> None:
+    """Raise, on every rank alike, if any rank's input was bad or ranks disagree on dtype or grad mode."""
+    bad_ranks = [p for p, (failed, _, _) in enumerate(status_P) if failed]
+    if bad_ranks:
+        raise ValueError(f"{where}: rank(s) {bad_ranks} of the group got invalid input (see their error)")
+    dtypes = {
+        p: str(_DTYPES[code]) if code >= 0 else "unsupported" for p, (_, code, _) in enumerate(status_P)
+    }
+    if len(set(dtypes.values())) > 1:
+        raise TypeError(f"{where}: ranks send tokens of different dtypes: {dtypes}")
+    grad_modes = {p: bool(mode) for p, (_, _, mode) in enumerate(status_P)}
+    if len(set(grad_modes.values())) > 1:
+        raise RuntimeError(
+            f"{where}: some ranks run with gradients enabled and some without ({grad_modes}); "
+            f"every rank of the group must run forward (and backward) alike"
+        )
