@@ -1,13 +1,13 @@
 """Benchmark: MoELayer against the dense FFN floor, fairscale and the seed's loop, on gloo CPU ranks.
 
-    torchrun --standalone --nproc-per-node 2 -m launch.bench             # layer vs floor, with a breakdown
-    torchrun --standalone --nproc-per-node 2 -m launch.bench --compare   # side by side, one run
-    torchrun --standalone --nproc-per-node 2 -m launch.bench --quick     # a smoke run in seconds
+    torchrun --standalone --nproc-per-node 2 -m benchmarks.bench           # layer vs floor, with a breakdown
+    torchrun --standalone --nproc-per-node 2 -m benchmarks.bench --compare # side by side, one run
+    torchrun --standalone --nproc-per-node 2 -m benchmarks.bench --quick   # a smoke run in seconds
     # scaling and skew (see BENCHMARKS.md for the exact commands):
-    ... -m launch.bench --tokens 1024,4096,16384 --impls layer,floor,loop,fairscale --capacity none
-    ... -m launch.bench --experts 8,16,32,64 --capacity none   # fixed top-k and H: fixed active parameters
-    ... -m launch.bench --skew uniform,zipf,one --capacity none,1.25
-    torchrun --standalone --nproc-per-node 1 -m launch.bench --impls layer,floor,breakdown --capacity none
+    ... -m benchmarks.bench --tokens 1024,4096,16384 --impls layer,floor,loop,fairscale --capacity none
+    ... -m benchmarks.bench --experts 8,16,32,64 --capacity none   # fixed top-k and H: fixed active
+    ... -m benchmarks.bench --skew uniform,zipf,one --capacity none,1.25
+    torchrun --standalone --nproc-per-node 1 -m benchmarks.bench --impls layer,floor,breakdown --capacity none
 
 Every case (a token count, an expert count, a skew) builds its implementations
 on the same tokens and runs them round-robin, so that a shared host's drifting
@@ -56,10 +56,8 @@ import torch
 import torch.distributed as dist
 
 import expert_parallel as ep
-from expert_parallel import comm, dispatch
-from expert_parallel.router import route
-from launch import bench_peers
-from launch.bench_tools import (
+from benchmarks import bench_peers
+from benchmarks.bench_tools import (
     SKEWS,
     PhaseTape,
     even_splits,
@@ -71,11 +69,13 @@ from launch.bench_tools import (
     timed_step,
     trim,
 )
+from expert_parallel import comm, dispatch
+from expert_parallel.router import route
 
 PHASES = bench_peers.PHASES
 IMPLS = ("layer", "floor", "breakdown", "fairscale", "loop")
 QUICK = {"tokens": [256], "d_model": 64, "d_hidden": 128, "steps": 2, "warmup": 1}
-# bf16 GEMMs run about 13x slower than fp32 on an AVX2-only CPU (launch.bench_gemm): smaller defaults.
+# bf16 GEMMs run about 13x slower than fp32 on an AVX2-only CPU (benchmarks.bench_gemm): smaller defaults.
 BF16_SIZES = {"tokens": [1024], "d_model": 256, "d_hidden": 1024}
 FP32_SIZES = {"tokens": [4096], "d_model": 512, "d_hidden": 2048}
 GOALS = {

@@ -1,7 +1,7 @@
 """Benchmark: the local experts' GEMMs, per-expert loop against torch's grouped_mm, on one process.
 
-    python -m launch.bench_gemm                       # fp32, the layer benchmark's per-rank sizes
-    python -m launch.bench_gemm --dtype bf16 --rows 1024 --d-model 128 --d-hidden 512
+    python -m benchmarks.bench_gemm                       # fp32, the layer benchmark's per-rank sizes
+    python -m benchmarks.bench_gemm --dtype bf16 --rows 1024 --d-model 128 --d-hidden 512
 
 Times forward + backward of `Experts` (relu, biases) over R rows split
 evenly-ish over e local experts (one expert left empty with --empty), with

@@ -1,4 +1,4 @@
-"""What launch.bench compares the layer with: the seed's per-expert loop and fairscale's MOELayer.
+"""What benchmarks.bench compares the layer with: the seed's per-expert loop and fairscale's MOELayer.
 
 - SimpleMoE: the starting design (shared/seeds, "SimpleMoE"): a linear gate
   with bias, top-k over the logits, softmax over the k chosen, experts
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from launch.bench_tools import PhaseTape, timed_step
+from benchmarks.bench_tools import PhaseTape, timed_step
 
 PHASES = ("routing", "permutation", "all-to-all", "experts", "combine", "loss")
 

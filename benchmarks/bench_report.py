@@ -1,6 +1,6 @@
-"""Markdown tables and PNG plots from launch.bench's JSON files (rank 0's --json output).
+"""Markdown tables and PNG plots from benchmarks.bench's JSON files (rank 0's --json output).
 
-    python -m launch.bench_report runs/bench/*.json [--plots docs]
+    python -m benchmarks.bench_report runs/bench/*.json [--plots docs]
 
 Prints, for the cases found: the side-by-side table, the token and expert
 sweeps, the skew table and weak scaling (files of the same shape at
@@ -284,7 +284,7 @@ def main(argv: list[str]) -> int:
             f"{' '.join(f'{v:.2f}' for v in m.get('load_average_end', []))} at the end"
         )
         print(
-            f"command: `torchrun --standalone --nproc-per-node {m['world_size']} -m launch.bench "
+            f"command: `torchrun --standalone --nproc-per-node {m['world_size']} -m benchmarks.bench "
             f"{' '.join(report.get('argv', []))}`\n"
         )
         cases = report["cases"]

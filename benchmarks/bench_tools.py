@@ -1,4 +1,4 @@
-"""Measuring helpers for launch.bench: phase clocks, memory sampling, the allocator, forced routing.
+"""Measuring helpers for benchmarks.bench: phase clocks, memory sampling, the allocator, forced routing.
 
 Legend: T tokens on this rank, E experts, K top-k.
 """

@@ -1,12 +1,12 @@
 """Cost model of one expert-parallel MoE layer: all-to-all volume and time, expert compute, per EP size.
 
-    python -m launch.plan --layer mixtral --cluster h100-node          # a table, EP = 1, 2, 4, 8
-    python -m launch.plan --layer deepseek-v3 --cluster h100-64 --dispatch rank
-    python -m launch.plan --measure configs/clusters/cpu-gloo.toml     # calibrate: 2 gloo ranks here
-    python -m launch.plan --compare /tmp/b2.json /tmp/b4.json --cluster cpu-gloo   # against launch.bench
+    python -m benchmarks.plan --layer mixtral --cluster h100-node      # a table, EP = 1, 2, 4, 8
+    python -m benchmarks.plan --layer deepseek-v3 --cluster h100-64 --dispatch rank
+    python -m benchmarks.plan --measure configs/clusters/cpu-gloo.toml # calibrate: 2 gloo ranks here
+    python -m benchmarks.plan --compare /tmp/b2.json /tmp/b4.json --cluster cpu-gloo  # against bench
 
 Clusters are TOML files in configs/clusters/ (a name there, or a path). Layer
-presets: bench (launch.bench's default layer), mixtral, deepseek-v3; flags
+presets: bench (benchmarks.bench's default layer), mixtral, deepseek-v3; flags
 override their fields.
 
 The model, per rank, per layer, uniform routing (every expert equally likely),
@@ -50,9 +50,9 @@ thread per rank, fp32, shared with other jobs. `--measure` (2 ranks, 2048
 tokens) wrote configs/clusters/cpu-gloo.toml: 70 GFLOP/s per core for the six
 GEMMs of an expert's step, 1.11 GB/s all-to-all, 301 us per message, measured
 beside 0.5 other runnable processes. Then, right after, once each:
-    torchrun --standalone --nproc-per-node 2 -m launch.bench --steps 3 --capacity none \
+    torchrun --standalone --nproc-per-node 2 -m benchmarks.bench --steps 3 --capacity none \
         --tokens 2048 --json /tmp/b2.json          # and --nproc-per-node 4 ... /tmp/b4.json
-    python -m launch.plan --compare /tmp/b2.json /tmp/b4.json --cluster cpu-gloo
+    python -m benchmarks.plan --compare /tmp/b2.json /tmp/b4.json --cluster cpu-gloo
 The benchmark's breakdown (ms, slowest rank, median of 3) against the prediction:
     ranks  phase            predicted  measured  predicted / measured
     2      all-to-all fwd        10.6      13.8  0.77
@@ -71,7 +71,7 @@ other jobs' load: two earlier rounds, beside 4-5 busy processes, missed by up
 to 2x either way. Rerun the three commands together, on a quiet host.
 
 Predictions, 4096 tokens per GPU, bf16, swiglu, uniform routing, per layer and
-rank (`python -m launch.plan --layer L --cluster C [--dispatch M] [--dispatch-bytes 1]`).
+rank (`python -m benchmarks.plan --layer L --cluster C [--dispatch M] [--dispatch-bytes 1]`).
 Mixtral-like: D 4096, H 14336, E 8, top-2; DeepSeek-V3-like: D 7168, H 2048,
 E 256, top-8, 8 groups, group_topk 4. Both cost 2.89 TFLOP forward per rank:
 experts 8.75 ms forward + backward at 989 TFLOP/s. Clusters: h100-node (8 GPUs,
@@ -316,7 +316,7 @@ def table(layer: Layer, cluster: Cluster, eps: list[int] | None = None) -> str:
 
 
 def bench_breakdowns(path: Path) -> list[tuple[Layer, int, dict]]:
-    """(layer, ranks, breakdown ms per "<phase> fwd|bwd") per dropless case of a launch.bench JSON file."""
+    """(layer, ranks, breakdown ms per "<phase> fwd|bwd") per dropless case of a bench JSON file."""
     report = json.loads(path.read_text())
     args = report["args"]
     bytes_ = 2.0 if args.get("dtype") == "bf16" else 4.0
@@ -335,7 +335,7 @@ def bench_breakdowns(path: Path) -> list[tuple[Layer, int, dict]]:
 
 
 def compare(paths: list[Path], cluster: Cluster) -> str:
-    """Predicted vs measured all-to-all and expert phases of launch.bench's breakdown (fp32 relu experts)."""
+    """Predicted vs measured all-to-all and expert phases of benchmarks.bench's breakdown (fp32 relu)."""
     head = "| ranks | tokens | phase | predicted ms | measured ms | predicted / measured |"
     lines = [head, "|---" * 6 + "|"]
     for path in paths:
@@ -353,9 +353,9 @@ def _measure_rank(rank: int, size: int, port: int, layer: Layer, out: str, backg
     import torch
     import torch.distributed as dist
 
-    from launch.bench_tools import keep_freed_memory
+    from benchmarks.bench_tools import keep_freed_memory
 
-    keep_freed_memory()  # as launch.bench does: page faults on fresh buffers would halve the GEMM rate here
+    keep_freed_memory()  # as benchmarks.bench does: page faults on fresh buffers halve the GEMM rate here
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
     try:
@@ -400,7 +400,8 @@ def _measure_rank(rank: int, size: int, port: int, layer: Layer, out: str, backg
             cores = len(os.sched_getaffinity(0))
             share = min(1.0, cores / (size + background))  # of a core, per rank, while measuring
             text = (
-                f"# Measured by `python -m launch.plan --measure` on {size} gloo ranks x 1 thread, fp32,\n"
+                f"# Measured by `python -m benchmarks.plan --measure` on {size} gloo ranks x 1 thread, "
+                f"fp32,\n"
                 f"# {_cpu()}, {cores} cores, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}.\n"
                 f"# GEMM: the six GEMMs of one expert's training step ({rows} rows, D {d}, H {h}).\n"
                 f"# all-to-all: all_to_all_single of {sizes[0]} and {sizes[1]} rows of D per rank, the rate\n"
@@ -472,7 +473,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--measure", type=Path, metavar="OUT", help="measure this machine, write a cluster TOML"
     )
     parser.add_argument("--ranks", type=int, default=2, help="processes for --measure")
-    parser.add_argument("--compare", type=Path, nargs="+", metavar="BENCH_JSON", help="launch.bench results")
+    parser.add_argument("--compare", type=Path, nargs="+", metavar="BENCH_JSON", help="bench JSON results")
     return parser.parse_args(argv)
 
 

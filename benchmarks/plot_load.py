@@ -1,12 +1,13 @@
 """A picture of expert load over training steps, from a run's metrics.jsonl.
 
-    python -m launch.plot_load runs/tiny            # writes runs/tiny/expert_load.png
+    python -m benchmarks.plot_load runs/tiny            # writes runs/tiny/expert_load.png
 
 One panel per MoE layer: each expert's share of the kept assignments at each
 step (a heat map; a balanced layer is a flat colour at 1 / E), and above the
 panels the max / mean load of every layer. matplotlib is an optional
-dependency (`pip install -e '.[plot]'`); without it nothing is drawn and the
-trainer says so.
+dependency (`pip install -e '.[plot]'`); without it nothing is drawn. The
+trainer does not need it: it writes its own expert_load.png with
+launch/expert_load.py (standard library only), which this command overwrites.
 """
 
 from __future__ import annotations

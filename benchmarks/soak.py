@@ -1,6 +1,6 @@
 """Soak: many steps of forward + backward + optimizer with random token counts and shifting skew.
 
-    torchrun --standalone --nproc-per-node 4 -m launch.soak [--steps 1000] [--max-tokens 4096]
+    torchrun --standalone --nproc-per-node 4 -m benchmarks.soak [--steps 1000] [--max-tokens 4096]
 
 Two stacked MoE layers (dropless with a per-expert cap, then capacity 1.25)
 on every rank; each step every rank draws its own token count in

@@ -1,6 +1,6 @@
 """All-to-all volume: rows per token and exchange time, per-assignment vs once-per-rank dispatch.
 
-    torchrun --standalone --nproc-per-node 4 -m launch.volume [--experts 64 --top-k 8 --tokens 2048]
+    torchrun --standalone --nproc-per-node 4 -m benchmarks.volume [--experts 64 --top-k 8 --tokens 2048]
 
 For each routing (plain top-k, and group-limited with groups = ranks keeping
 half of them, then one), runs forward + backward of the layer with both

@@ -1,6 +1,7 @@
 """The benchmark's helpers; its side-by-side, skew, bf16 and report modes (smoke runs, nothing timed)."""
 
 import importlib.util
+import json
 import subprocess
 import sys
 
@@ -8,9 +9,9 @@ import torch
 from multirank import REPO
 
 import expert_parallel as ep
-from launch import bench_report
-from launch.bench_peers import SimpleMoE
-from launch.bench_tools import PhaseTape, forced_expert_ids
+from benchmarks import bench_report
+from benchmarks.bench_peers import SimpleMoE
+from benchmarks.bench_tools import PhaseTape, forced_expert_ids
 
 
 def test_forced_expert_ids_give_distinct_experts_in_the_asked_shape():
@@ -59,7 +60,7 @@ def test_the_benchmarks_simple_moe_is_the_seed_design_that_the_layer_reproduces(
         layer.experts.w2[g].copy_(second.weight.t())
         layer.experts.b2[g].copy_(second.bias)
     x = torch.randn(32, 8)
-    torch.testing.assert_close(layer(x), simple(x), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer(x).out, simple(x), rtol=1e-5, atol=1e-6)
 
 
 SMALL = ["--tokens", "256", "--d-model", "64", "--d-hidden", "128", "--steps", "1", "--warmup", "0"]
@@ -68,7 +69,7 @@ SMALL = ["--tokens", "256", "--d-model", "64", "--d-hidden", "128", "--steps", "
 def bench(*args: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
     run = subprocess.run(
-        [*cmd, "-m", "launch.bench", *SMALL, *args], cwd=REPO, capture_output=True, text=True, timeout=180
+        [*cmd, "-m", "benchmarks.bench", *SMALL, *args], cwd=REPO, capture_output=True, text=True, timeout=180
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return run
@@ -88,7 +89,7 @@ def test_side_by_side_and_skew_smoke_run_then_the_report(tmp_path):
     assert "efficiency" in text and "step peak" in text
     plots = tmp_path / "plots"
     report = subprocess.run(
-        [sys.executable, "-m", "launch.bench_report", str(out), "--plots", str(plots)],
+        [sys.executable, "-m", "benchmarks.bench_report", str(out), "--plots", str(plots)],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -142,3 +143,24 @@ def test_report_tables_from_a_sweep_and_weak_scaling():
     weak = "\n".join(bench_report.weak_scaling([one, two]))
     assert "| T 1024, E 8, H 64, top-2 | 2 | 12 | 0.80 | 11 | 0.80 |" in weak
     assert "| T 4096, E 8, H 64, top-2 | 2 | 44 | 0.91 | 40 | 0.91 |" in weak
+
+
+def test_the_trainer_under_forced_routing_and_the_trainer_without_it(tmp_path):
+    def run(module: str, options: list[str], *overrides: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", module, *options, "--config", "configs/test.toml"]
+        overrides = (f"train.out_dir={tmp_path}", "train.steps=2", "train.eval_every=2", *overrides)
+        return subprocess.run([*cmd, *overrides], cwd=REPO, capture_output=True, text=True, timeout=120)
+
+    forced = run("benchmarks.train_forced", ["--routing", "one"])
+    assert forced.returncode == 0, forced.stdout[-3000:] + forced.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    # All-to-one, top-2 of 4: every token's choices are experts 0 and 1, each keeps `capacity` rows.
+    assert all(layer == [0.5, 0.5, 0.0, 0.0] for row in rows for layer in row["expert_share"])
+    # 2 sequences of 31 next-byte tokens per micro-batch: capacity 62 * 2 / 4 = 31 of each expert's 62.
+    assert all(row["dropped_fraction"] == 0.5 for row in rows)
+    assert "val_loss" in rows[-1] and (tmp_path / "expert_load.png").exists()
+
+    bad = run("benchmarks.train_forced", ["--routing", "skewed"])
+    assert bad.returncode == 2 and "--routing" in bad.stderr and "'skewed'" in bad.stderr
+    gone = run("launch.train", [], "train.forced_routing=zipf")  # the trainer has no such option now
+    assert gone.returncode != 0 and "forced_routing" in gone.stderr

@@ -32,7 +32,7 @@ def test_demo_rejects_unknown_keys_by_name():
 
 
 def test_benchmark_smoke_run_reports_ratio_and_breakdown():
-    run = torchrun("launch.bench", "--quick", "--capacity", "none,1.0")
+    run = torchrun("benchmarks.bench", "--quick", "--capacity", "none,1.0")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert run.stdout.count("ratio layer / floor") == 2
     for phase in ("routing", "permutation", "all-to-all", "experts", "combine"):
@@ -52,6 +52,6 @@ def test_soak_smoke_run_on_four_ranks():
         "--sample-every",
         "5",
     )
-    run = torchrun("launch.soak", *args, nproc=4)
+    run = torchrun("benchmarks.soak", *args, nproc=4)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "soak: 30 steps" in run.stdout and "no hang, no error" in run.stdout

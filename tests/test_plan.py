@@ -1,15 +1,16 @@
-"""launch.plan: the cost model's formulas against hand-computed cases and a Monte Carlo estimate; the CLI."""
+"""benchmarks.plan: the cost model's formulas against hand-computed cases and a Monte Carlo estimate; CLI."""
 
 import json
 import math
 import subprocess
 import sys
+from dataclasses import astuple
 
 import pytest
 import torch
 from multirank import REPO
 
-from launch.plan import LAYERS, Cluster, Layer, compare, expert_flops, predict, remote_rows, units_hit
+from benchmarks.plan import LAYERS, Cluster, Layer, compare, expert_flops, predict, remote_rows, units_hit
 
 NODE = Cluster("node", gpus_per_node=4, nodes=1, gemm_tflops=1.0, intra_gbps=1.0)
 TWO_NODES = Cluster("two", gpus_per_node=2, nodes=2, gemm_tflops=1.0, intra_gbps=4.0, inter_gbps=1.0)
@@ -138,19 +139,33 @@ def test_errors_name_the_field():
         Cluster.load("no-such-cluster")
 
 
-def test_presets_load():
-    for name in ("h100-node", "h100-64", "h800-deepep", "cpu-gloo"):
-        cluster = Cluster.load(name)
-        assert cluster.gemm_tflops > 0 and cluster.intra_gbps > 0
+def test_presets_hold_the_rates_their_comments_state():
+    shape = {name: astuple(Cluster.load(name))[1:5] for name in ("h100-node", "h100-64", "h800-deepep")}
+    # (gpus_per_node, nodes, gemm_tflops, intra_gbps)
+    assert shape == {
+        "h100-node": (8, 1, 989.0, 450.0),
+        "h100-64": (8, 8, 989.0, 450.0),
+        "h800-deepep": (8, 8, 989.0, 153.0),
+    }
+    assert Cluster.load("h100-64").inter_gbps == Cluster.load("h800-deepep").inter_gbps == 50.0
+    cpu = Cluster.load("cpu-gloo")
+    assert (cpu.cores_per_node, cpu.background_load) == (2, 0.5)
+    # 8 ranks on one h100 node: 10 tokens * 2 * 7/8 rows * 16 bytes = 280 bytes at 450 GB/s,
+    # plus 3 forward exchanges x 7 peers x 1 us of latency.
+    r = predict(small(), Cluster.load("h100-node"), 8)
+    assert r["a2a_ms_fwd"] == pytest.approx(1e3 * (280 / 450e9 + 21 * 1e-6))
 
 
 def plan(*args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "launch.plan", *args]
+    cmd = [sys.executable, "-m", "benchmarks.plan", *args]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
 
 
 def test_cli_help_and_a_preset():
-    assert plan("--help").returncode == 0
+    help_text = plan("--help").stdout
+    for flag in ("--layer", "--cluster", "--ep", "--dispatch", "--json", "--measure", "--compare"):
+        assert flag in help_text, flag
+    assert "{bench,deepseek-v3,mixtral}" in help_text  # the layer presets
     run = plan("--layer", "deepseek-v3", "--cluster", "h100-64", "--dispatch", "rank")
     assert run.returncode == 0, run.stderr
     assert "| 64 | 8 |" in run.stdout and "a2a share" in run.stdout
