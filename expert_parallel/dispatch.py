@@ -23,14 +23,13 @@ class DispatchPlan:
     slot_R: [R] the slot (t * K + k) each row came from.
     token_R: [R] the token each row came from.
     row_N: [N] the row each slot went to; R (one past the last row) for dropped slots.
-    rows_per_expert: [E] host ints, rows of each global expert (sum = R); None
-        when planned without a host sync (dropless, R = N; see plan_dispatch).
+    rows_per_expert: [E] host ints, rows of each global expert (sum = R).
     """
 
     slot_R: Tensor
     token_R: Tensor
     row_N: Tensor
-    rows_per_expert: list[int] | None
+    rows_per_expert: list[int]
     num_tokens: int
     top_k: int
 
@@ -39,25 +38,17 @@ class DispatchPlan:
         return self.slot_R.numel()
 
 
-def plan_dispatch(routing: Routing, host_counts: bool = True) -> DispatchPlan:
-    """Rows grouped by expert, tokens in order within an expert.
-
-    host_counts False (only for dropless routing): no host sync; every slot
-    is a row (R = N) and rows_per_expert is None. torch.compile's graph keeps
-    static shapes that way.
-    """
+def plan_dispatch(routing: Routing) -> DispatchPlan:
+    """Rows grouped by expert, tokens in order within an expert."""
     num_tokens, top_k = routing.expert_ids.shape
     num_experts = routing.tokens_per_expert.numel()
     # Dropped slots get the sentinel id E and sort after every expert, so the
     # kept rows are a prefix. NOTE: stable, so an expert's rows keep token order.
     expert_ids_N = torch.where(routing.keep, routing.expert_ids, num_experts).reshape(-1)
     order_N = expert_ids_N.argsort(stable=True)
-    if host_counts:
-        # NOTE: host sync; the all-to-all splits and the per-expert GEMMs need host counts.
-        rows_per_expert = routing.tokens_per_expert.tolist()
-        num_rows = sum(rows_per_expert)
-    else:
-        rows_per_expert, num_rows = None, order_N.numel()
+    # NOTE: host sync; the all-to-all splits and the per-expert GEMMs need host counts.
+    rows_per_expert = routing.tokens_per_expert.tolist()
+    num_rows = sum(rows_per_expert)
     slot_R = order_N[:num_rows]
     row_N = torch.full_like(order_N, num_rows)
     row_N[slot_R] = torch.arange(num_rows, device=slot_R.device)
@@ -88,13 +79,7 @@ class _Permute(torch.autograd.Function):
 
 
 def permute(x_TD: Tensor, plan: DispatchPlan) -> Tensor:
-    """[T, D] tokens -> [R, D] rows grouped by expert (a token appears once per kept choice).
-
-    Under torch.compile, a plain index_select (whose backward sums a token's
-    slots in row order: equal to rounding, not bitwise, for K >= 3).
-    """
-    if torch.compiler.is_compiling():
-        return x_TD.index_select(0, plan.token_R)
+    """[T, D] tokens -> [R, D] rows grouped by expert (a token appears once per kept choice)."""
     return _Permute.apply(x_TD, plan)
 
 

@@ -91,13 +91,12 @@ class ExpertRows:
     """What the local experts need for one chunk.
 
     x: [S, D] rows grouped by local expert, with rows_per_expert [e] host
-    ints (0 outside the chunk); or rows_per_expert an [e] tensor of counts
-    (still on the device, for torch.compile); or x [e, C, D] padded slots
-    with rows_per_expert None.
+    ints (0 outside the chunk); or x [e, C, D] padded slots with
+    rows_per_expert None (torch.compile's capacity path).
     """
 
     x: Tensor
-    rows_per_expert: list[int] | Tensor | None
+    rows_per_expert: list[int] | None
 
 
 @dataclass(frozen=True)
@@ -117,9 +116,9 @@ class GroupCounts:
 class LocalDispatcher:
     """No group: the rows are permuted by expert and put back, nothing travels.
 
-    Under torch.compile the shapes stay static: capacity routing fills E * C
-    padded slots (batched GEMMs), dropless routing keeps every slot as a row
-    and hands the experts device counts (their one host sync).
+    Under torch.compile, capacity routing fills E * C padded slots (static
+    shapes, batched GEMMs), so the layer is one graph; dropless routing runs
+    here eagerly, between the layer's graphs (MoELayer._in_graph_or_not).
     """
 
     def __init__(self, layout: ExpertLayout, execution: ExecutionConfig, where: str):
@@ -137,10 +136,6 @@ class LocalDispatcher:
             return [ExpertRows(permute_padded(x_TD, padded), None)], _LocalRecord(
                 routing.weights, None, padded
             )
-        if torch.compiler.is_compiling():
-            plan = plan_dispatch(physical, host_counts=False)
-            chunk = ExpertRows(permute(x_TD, plan), physical.tokens_per_expert)
-            return [chunk], _LocalRecord(routing.weights, plan, None)
         plan = plan_dispatch(physical)
         check_expert_load([plan.rows_per_expert], self.execution, self.where)
         return [ExpertRows(permute(x_TD, plan), plan.rows_per_expert)], _LocalRecord(

@@ -343,17 +343,11 @@ class Experts(nn.Module):
         self.b2 = nn.Parameter(torch.empty(e, o)) if config.bias else None
         self.b3 = nn.Parameter(torch.empty(e, h)) if config.bias and self.w3 is not None else None
 
-    def forward(self, x_RD: Tensor, rows_per_expert: list[int] | Tensor | None) -> Tensor:
-        """y [R, O] for rows x [R, D] grouped by expert, `rows_per_expert` of them each (host ints).
-
-        rows_per_expert may also be an [e] tensor of counts (converted on the
-        host, outside any torch.compile graph), or None for x [e, C, D], each
-        expert's C rows padded (`padded`).
-        """
+    def forward(self, x_RD: Tensor, rows_per_expert: list[int] | None) -> Tensor:
+        """y [R, O] for rows x [R, D] grouped by expert, `rows_per_expert` of them each (host ints);
+        or, with rows_per_expert None, x [e, C, D]: each expert's C rows padded (`padded`)."""
         if rows_per_expert is None:
             return self.padded(x_RD)
-        if isinstance(rows_per_expert, Tensor):
-            return _with_host_counts(self, x_RD, rows_per_expert)
         _check_groups("Experts", rows_per_expert, x_RD.shape[0], self.num_local_experts)
         x_RD, *weights = _in_autocast_dtype(x_RD, self.w1, self.b1, self.w3, self.b3, self.w2, self.b2)
         if _use_grouped_mm(x_RD, weights[0], self.gemm):
@@ -405,17 +399,6 @@ class Experts(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_local_experts} experts, {self.activation}, gemm={self.gemm}"
-
-
-@torch.compiler.disable
-def _with_host_counts(experts: Experts, x_RD: Tensor, rows_per_expert_e: Tensor) -> Tensor:
-    """Experts over rows whose group sizes are still on the device.
-
-    NOTE: host sync. Outside torch.compile's graph (one graph break), since
-    the per-expert GEMMs take host sizes that change every step: traced,
-    each new set of sizes would recompile.
-    """
-    return experts(x_RD, rows_per_expert_e.tolist())
 
 
 def uniform_(tensor: Tensor, bound: float, generator: torch.Generator) -> None:

@@ -6,6 +6,7 @@ P ranks in the group, K choices per token.
 
 from __future__ import annotations
 
+import functools
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -164,11 +165,16 @@ class MoELayer(nn.Module):
         key = self._forward_key()
         decision = self._recomputing(key)
         x_TD, routing, problem = self._route(x, problem, decision)
-        counts = decision.counts if decision is not None else self._exchange_counts(x, routing, problem)
-        out_TO, rows_away = self._dispatch_experts_combine(x_TD, routing, counts)
+        counts = decision.counts if decision is not None else None
+        out_TO, rows_away, counts = self._in_graph_or_not(self._count_dispatch_combine, routing)(
+            x, x_TD, routing, problem, counts
+        )
         if self.shared_experts is not None:
             out_TO = out_TO + self.shared_experts(x_TD)
-        batch_choices_E = self._batch_choices(routing, choices_before_E, decision)
+        batch_choices_E = self._step_choices(routing, choices_before_E, decision)
+        if decision is None and batch_choices_E is not None and self.stats_group is not None:
+            where = f"{self.where}: global-batch counts"
+            batch_choices_E = _outside_graph(comm.sum_counts)(batch_choices_E, self.stats_group, where)
         if key is not None and decision is None and torch.is_grad_enabled():
             decision = _Decision(routing.expert_ids, routing.keep, counts, batch_choices_E)
             out_TO = _remember(self._decisions, key, decision, out_TO)
@@ -202,54 +208,50 @@ class MoELayer(nn.Module):
             )
         except ValueError as err:
             return None, None, (ValueError, str(err))
-        x_TD = _to_autocast_dtype(x_TD)
+        return _to_autocast_dtype(x_TD), routing, None
+
+    def _in_graph_or_not(self, function, routing: Routing | None):
+        """`function` as it is, or (under torch.compile) run eagerly between graphs: a group's
+        exchanges and dropless experts take host split sizes that change every step, which a
+        graph would recompile for. Capacity routing on one process stays in the graph."""
+        if self.group is None and routing is not None and routing.capacity is not None:
+            return function
+        return _outside_graph(function)
+
+    def _count_dispatch_combine(
+        self, x: object, x_TD: Tensor, routing: Routing, problem, counts: GroupCounts | None
+    ) -> tuple[Tensor, Tensor, GroupCounts | None]:
+        """(out [T, O], rows sent to other ranks, counts): count exchange (unless `counts` are
+        given: a recompute) -> dispatch -> experts -> combine."""
+        if counts is None:
+            counts = self.dispatcher.exchange_counts(x, routing, problem, self.router.weight.device)
         if self.group is not None and torch.is_grad_enabled() and not x_TD.requires_grad:
             # NOTE: the dispatch exchange's backward runs only where the rows need a
             # gradient; a rank whose input needs none would skip it while its peers
             # wait in it (a hang). A leaf that does makes every rank run it alike.
             x_TD = x_TD.detach().requires_grad_()
-        return x_TD, routing, None
-
-    def _exchange_counts(self, x: object, routing: Routing | None, problem) -> GroupCounts | None:
-        if self.group is None:
-            return self.dispatcher.exchange_counts(x, routing, problem, self.router.weight.device)
-        return _outside_graph(self.dispatcher.exchange_counts)(x, routing, problem, self.router.weight.device)
-
-    def _dispatch_experts_combine(
-        self, x_TD: Tensor, routing: Routing, counts: GroupCounts | None
-    ) -> tuple[Tensor, Tensor]:
-        """(out [T, O], rows sent to other ranks): dispatch -> experts -> combine.
-
-        NOTE: under torch.compile a group's exchanges run outside the graph
-        (one graph break): their split sizes are host ints that change every step.
-        """
-        if self.group is None:
-            return self._move_and_compute(x_TD, routing, counts)
-        return _outside_graph(self._move_and_compute)(x_TD, routing, counts)
-
-    def _move_and_compute(
-        self, x_TD: Tensor, routing: Routing, counts: GroupCounts | None
-    ) -> tuple[Tensor, Tensor]:
         chunks, record = self.dispatcher.dispatch(x_TD, routing, counts)
+        # NOTE: lazy where the chunks arrive one by one (the combine overlaps them); a list
+        # otherwise, since torch.compile breaks a generator's graph once more per break inside it.
         y_chunks = (self.experts(chunk.x, chunk.rows_per_expert) for chunk in chunks)
+        if isinstance(chunks, list):
+            y_chunks = list(y_chunks)
         out_TO = self.dispatcher.combine(y_chunks, record)
-        return out_TO, torch.tensor(record.rows_sent_away, device=out_TO.device)
+        return out_TO, torch.tensor(record.rows_sent_away, device=out_TO.device), counts
 
-    def _batch_choices(
+    def _step_choices(
         self, routing: Routing, choices_before_E: Tensor | None, decision: _Decision | None
     ) -> Tensor | None:
-        """ "global_batch" in training: the step's choices so far, this micro-batch's included, summed
-        over stats_group (one [E] all-reduce); None for the other scopes."""
+        """ "global_batch" in training: this rank's choices in the step so far, this micro-batch's
+        included (the forward then sums them over stats_group, one [E] all-reduce); the forward's
+        sum on a recompute; None for the other scopes."""
         if not self.training or self.config.aux_loss_scope != "global_batch":
             return None
         if decision is not None:
             return decision.batch_choices_E
-        mine_E = routing.choices_per_expert
-        if choices_before_E is not None:
-            mine_E = mine_E + choices_before_E.to(mine_E.device)
-        if self.stats_group is None:
-            return mine_E
-        return _outside_graph(comm.sum_counts)(mine_E, self.stats_group, f"{self.where}: global-batch counts")
+        if choices_before_E is None:
+            return routing.choices_per_expert
+        return routing.choices_per_expert + choices_before_E.to(routing.choices_per_expert.device)
 
     def _aux_loss(self, routing: Routing, batch_choices_E: Tensor | None) -> Tensor:
         """aux_loss_coef * balance + z_loss_coef * z loss; "global_batch" counts f_i in batch_choices_E."""
@@ -476,9 +478,17 @@ def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+@torch.compiler.disable
+def _run_outside_graph(function, *args):
+    """function(*args), eagerly between graphs under torch.compile (one graph break)."""
+    return function(*args)
+
+
 def _outside_graph(function):
-    """`function`, run eagerly under torch.compile (a graph break) and called as it is otherwise."""
-    return torch.compiler.disable(function) if torch.compiler.is_compiling() else function
+    """`function`, to run eagerly under torch.compile and as it is otherwise."""
+    if torch.compiler.is_compiling():
+        return functools.partial(_run_outside_graph, function)
+    return function
 
 
 class _Remember(torch.autograd.Function):
