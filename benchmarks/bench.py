@@ -18,10 +18,10 @@ backward per round (all-gathered), median over rounds. Implementations (--impls)
   (out * upstream).sum() + aux_loss.
 - floor: on each rank, one dense FFN relu(x @ w1 + b1) @ w2 + b2 over the S rows
   that rank's experts computed in the layer's forward: the GEMMs the layer cannot avoid.
-- breakdown: an instrumented pass through the library functions the layer
-  calls, with the layer's own weights, phase by phase (see
-  bench_tools.PhaseTape); no phase is charged for waiting on a slower peer,
-  so a rank's sum of phases is its own work.
+- breakdown: the layer's own parts (routing, its dispatcher's count exchange,
+  dispatch and combine, its experts) called one by one, phase by phase (see
+  instrumented_step and bench_tools.PhaseTape); no phase is charged for
+  waiting on a slower peer, so a rank's sum of phases is its own work.
 - fairscale: fairscale's MOELayer with Top2Gate (capacity 2T/E), with its own
   breakdown; skipped with a note where fairscale is not installed, or where
   its [T, E, C] tensors would not fit in memory.
@@ -69,8 +69,6 @@ from benchmarks.bench_tools import (
     timed_step,
     trim,
 )
-from expert_parallel import comm, dispatch
-from expert_parallel.router import route
 
 PHASES = bench_peers.PHASES
 IMPLS = ("layer", "floor", "breakdown", "fairscale", "loop")
@@ -122,7 +120,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--cap-factor",
         type=float,
         default=2.0,
-        help="dropless all-to-one: also show MoEConfig.max_tokens_per_expert = this x the fair "
+        help="dropless all-to-one: also show ExecutionConfig.max_tokens_per_expert = this x the fair "
         "share P*T*K/E refusing the forward",
     )
     parser.add_argument(
@@ -145,7 +143,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--chunks",
         type=ints,
         default=[1],
-        help="comma list of MoEConfig.exchange_chunks, each a layer of its own (1: no overlap); "
+        help="comma list of ExecutionConfig.exchange_chunks, each a layer of its own (1: no overlap); "
         "the floor and breakdown follow the first",
     )
     parser.add_argument(
@@ -262,17 +260,26 @@ def memory_pass(steps: dict, keep_after: bool) -> dict[str, list[float]]:
     return peaks
 
 
-def layer_step(layer: ep.MoELayer, x_TD: torch.Tensor, upstream_TO: torch.Tensor, bf16: bool = False):
+def layer_step(
+    layer: ep.MoELayer,
+    x_TD: torch.Tensor,
+    upstream_TO: torch.Tensor,
+    bf16: bool = False,
+    last: dict | None = None,
+):
     """Forward (under bf16 autocast with `bf16`) and backward of the layer; grads dropped after.
 
     Also "exchange": the seconds the layer's own clock saw in its collectives,
     forward and backward; with an overlapped exchange (exchange_chunks > 1)
-    only the part left waiting.
+    only the part left waiting. `last["stats"]`: the last forward's RoutingStats.
     """
 
     def forward() -> torch.Tensor:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            return (layer(x_TD) * upstream_TO).sum() + layer.aux_loss
+            out = layer(x_TD)
+        if last is not None:
+            last["stats"] = out.stats
+        return (out.out * upstream_TO).sum() + out.aux_loss
 
     step = timed_step(forward, drop=(layer, x_TD))
 
@@ -285,9 +292,9 @@ def layer_step(layer: ep.MoELayer, x_TD: torch.Tensor, upstream_TO: torch.Tensor
     return step_and_exchange
 
 
-def rows_computed_here(layer: ep.MoELayer) -> int:
-    """S: rows this rank's experts computed in the layer's last forward (every rank's tokens)."""
-    load_E = layer.stats.tokens_per_expert.clone()
+def rows_computed_here(layer: ep.MoELayer, stats: ep.RoutingStats) -> int:
+    """S: rows this rank's experts computed in the forward of `stats` (every rank's tokens)."""
+    load_E = stats.tokens_per_expert.clone()
     dist.all_reduce(load_E)
     return int(load_E[layer.first_expert : layer.first_expert + layer.num_local_experts].sum())
 
@@ -314,54 +321,40 @@ def floor_step(num_rows: int, config: ep.MoEConfig, generator: torch.Generator, 
 
 
 def instrumented_step(layer: ep.MoELayer, x_TD: torch.Tensor, upstream_TO: torch.Tensor):
-    """Phase by phase through the calls of MoELayer.forward and _run_on_owners: seconds per "<phase> fwd|bwd".
+    """Phase by phase through the layer's own parts: seconds per "<phase> fwd|bwd".
 
-    Mirrors layer.py's default path (per-assignment dispatch, no shared
-    experts), so keep the two in step. "exchange fwd|bwd" repeats the two
-    data all-to-alls' seconds (the count exchange left out). Left out, as too
-    small to show: the layer's input checks (one isfinite pass over x) and its stats record.
+    The parts MoELayer.forward calls, in its order: `_route` (routing), the
+    dispatcher's `exchange_counts` and `dispatch` (permutation), the experts,
+    the dispatcher's `combine` (combine), then the loss. Time the layer's
+    exchange clock sees inside the token exchanges is charged to
+    "all-to-all" (and "exchange"), the rest of a dispatcher call to its
+    phase; the count exchange is "all-to-all" too. Left out, as too small to
+    show: the input checks (one isfinite pass over x) and the stats.
     """
-    config, group, size, e = layer.config, layer.group, layer.group_size, layer.num_local_experts
+    dispatcher = layer.dispatcher
+    device = layer.router.weight.device
 
     def step() -> dict[str, float]:
-        tape = PhaseTape(PHASES, group)
+        tape = PhaseTape(PHASES, layer.group, exchange_clock=layer.exchange_clock)
         x = x_TD.detach().requires_grad_()
         with tape.clock("routing"):
-            routing = route(layer.router(x), config, layer.forced_expert_ids)
-            plan = dispatch.plan_dispatch(routing)
-            aux_loss = config.aux_loss_coef * routing.aux_loss + config.z_loss_coef * routing.z_loss
-        weights_TK, aux_loss = tape.cut("routing", routing.weights, aux_loss)
-        with tape.clock("permutation"):
-            x_RD = tape.cut("permutation", dispatch.permute(x, plan))
-        if group is None:  # one rank: no exchange, the rows are already grouped by expert
-            with tape.clock("experts"):
-                y_RO = tape.cut("experts", layer.experts(x_RD, plan.rows_per_expert))
-        else:
-            with tape.clock("all-to-all", barrier=True):
-                rows_PE, _ = comm.gather_counts(routing.tokens_per_expert, [0, 0], group)
-            with tape.clock("permutation"):
-                rows_from_Pe = [row[layer.first_expert : layer.first_expert + e] for row in rows_PE]
-                send = [sum(plan.rows_per_expert[p * e : (p + 1) * e]) for p in range(size)]
-                recv = [sum(row) for row in rows_from_Pe]
-                rows_per_local_expert = [sum(column) for column in zip(*rows_from_Pe)]
-                by_expert_S = dispatch.source_to_expert_order(rows_from_Pe, x.device) if e > 1 else None
-                by_source_S = dispatch.inverse_permutation(by_expert_S) if e > 1 else None
-            with tape.clock("all-to-all", barrier=True, also="exchange"):
-                x_SD = comm.all_to_all(x_RD, recv, send, group, "dispatch")
-            x_SD = tape.cut("all-to-all", x_SD, barrier=True, also="exchange")
-            if by_expert_S is not None:  # the layer skips the regroup for one local expert
-                with tape.clock("permutation"):
-                    x_SD = tape.cut("permutation", dispatch.permute_rows(x_SD, by_expert_S, by_source_S))
-            with tape.clock("experts"):
-                y_SO = tape.cut("experts", layer.experts(x_SD, rows_per_local_expert))
-            if by_expert_S is not None:
-                with tape.clock("permutation"):
-                    y_SO = tape.cut("permutation", dispatch.permute_rows(y_SO, by_source_S, by_expert_S))
-            with tape.clock("all-to-all", barrier=True, also="exchange"):
-                y_RO = comm.all_to_all(y_SO, send, recv, group, "combine")
-            y_RO = tape.cut("all-to-all", y_RO, barrier=True, also="exchange")
-        with tape.clock("combine"):
-            out_TO = tape.cut("combine", dispatch.combine(y_RO, weights_TK, plan))
+            rows_TD, routing, _ = layer._route(x, None, None)
+            aux_loss = layer._aux_loss(routing, None)
+        rows_TD, weights_TK, aux_loss = tape.cut("routing", rows_TD, routing.weights, aux_loss)
+        routing = replace(routing, weights=weights_TK)
+        with tape.clock("all-to-all", barrier=True):
+            counts = dispatcher.exchange_counts(x, routing, None, device)
+        with tape.clock("permutation", barrier=True):
+            chunks, record = dispatcher.dispatch(rows_TD, routing, counts)
+            chunks = list(chunks)  # waits for every chunk's rows
+        arrived = tape.cut("permutation", *[chunk.x for chunk in chunks])
+        arrived = arrived if isinstance(arrived, tuple) else (arrived,)
+        with tape.clock("experts"):
+            y_chunks = [layer.experts(x_SD, chunk.rows_per_expert) for x_SD, chunk in zip(arrived, chunks)]
+        y_chunks = tape.cut("experts", *y_chunks)
+        with tape.clock("combine", barrier=True):
+            out_TO = dispatcher.combine(y_chunks if isinstance(y_chunks, tuple) else (y_chunks,), record)
+        out_TO = tape.cut("combine", out_TO)
         with tape.clock("loss"):
             loss = (out_TO * upstream_TO).sum() + aux_loss
         seconds = tape.backward(loss)
@@ -380,10 +373,10 @@ def bf16_difference(layer: ep.MoELayer, x_TD: torch.Tensor, upstream_TO: torch.T
     runs = []
     for bf16 in (False, True):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            out_TO = layer(x_TD)
+            out_TO, _, stats = layer(x_TD)
         (out_TO.float() * upstream_TO).sum().backward()
         grads = {"x": x_TD.grad, **{n: p.grad for n, p in layer.named_parameters() if p.grad is not None}}
-        runs.append((out_TO.detach().float(), grads, layer.stats.tokens_per_expert.clone()))
+        runs.append((out_TO.detach().float(), grads, stats.tokens_per_expert.clone()))
         layer.zero_grad(set_to_none=True)
         x_TD.grad = None
 
@@ -433,19 +426,17 @@ def run_case(args: argparse.Namespace, tokens: int, experts: int, hidden: int, t
     steps, settings, notes, params = {}, {}, [], {}
     for factor in args.capacity:
         name = setting_name(factor)
-        config = ep.MoEConfig(
-            **shape, capacity_factor=factor, activation="relu", bias=True, dispatch=args.dispatch
-        )
+        config = ep.MoEConfig(**shape, capacity_factor=factor, activation="relu", bias=True)
         layers = {}  # exchange_chunks -> its layer, the first (args.chunks[0]) the layer of record
         for chunks in args.chunks:
             torch.manual_seed(0)
-            layers[chunks] = ep.MoELayer(replace(config, exchange_chunks=chunks), group=dist.group.WORLD)
-            layers[chunks].experts.gemm = args.gemm
+            execution = ep.ExecutionConfig(dispatch=args.dispatch, exchange_chunks=chunks, gemm=args.gemm)
+            layers[chunks] = ep.MoELayer(config, group=dist.group.WORLD, execution=execution)
             layers[chunks].forced_expert_ids = forced_TK
-        layer = layers[args.chunks[0]]
-        layer_step(layer, x_TD, upstream_TO)()  # untimed: S comes from this forward's routing
-        rows_here = rows_computed_here(layer)
-        settings[name] = {"layer": layer, "rows_here": rows_here}
+        layer, last = layers[args.chunks[0]], {}
+        layer_step(layer, x_TD, upstream_TO, last=last)()  # untimed: S comes from this forward's routing
+        rows_here = rows_computed_here(layer, last["stats"])
+        settings[name] = {"layer": layer, "stats": last["stats"], "rows_here": rows_here}
         if "layer" in args.impls:
             for chunks, chunked in layers.items():
                 key = f"layer {name}" + (f" chunks {chunks}" if chunked is not layer else "")
@@ -453,7 +444,7 @@ def run_case(args: argparse.Namespace, tokens: int, experts: int, hidden: int, t
                 steps[key] = layer_step(chunked, x_TD, upstream_TO)
         if "floor" in args.impls:
             steps[f"floor {name}"] = floor_step(rows_here, config, generator)
-        if "breakdown" in args.impls and args.dispatch == "per_assignment":
+        if "breakdown" in args.impls:
             steps[f"breakdown {name}"] = instrumented_step(layer, x_TD, upstream_TO)
         if args.dtype == "bf16":
             settings[name]["bf16_vs_fp32"] = bf16_difference(layer, x_TD, upstream_TO)
@@ -533,9 +524,10 @@ def rusage_maxrss_mib() -> float:
 
 def setting_outcome(args, name: str, setting: dict, results: dict, tokens: int, top_k: int) -> dict:
     """One layer setting's routing outcome per rank, its ratios and all-to-all efficiency."""
-    layer, stats = setting["layer"], setting["layer"].stats
-    kept = stats.num_routed - stats.num_dropped
-    per_rank = gather([setting["rows_here"], stats.rows_sent_to_other_ranks, kept, stats.num_routed])
+    layer, stats = setting["layer"], setting["stats"]
+    kept = stats.num_routed - int(stats.num_dropped)
+    sent = int(stats.rows_sent_to_other_ranks)
+    per_rank = gather([setting["rows_here"], sent, kept, stats.num_routed])
     rows_computed = [row[0] for row in per_rank]
     outcome = {
         "rows_computed": rows_computed,
@@ -588,7 +580,7 @@ def setting_outcome(args, name: str, setting: dict, results: dict, tokens: int, 
         # ranks, and the layer's own dispatch splits, its rows for itself included.
         elements = int(mean_bytes / 4 / elem)
         plain = plain_all_to_all_seconds(even_splits(elements), even_splits(elements), layer.group)
-        send_P, recv_P = dispatch_splits(layer)
+        send_P, recv_P = dispatch_splits(layer, stats)
         same = plain_all_to_all_seconds(
             [n * args.d_model for n in send_P], [n * args.d_model for n in recv_P], layer.group
         )
@@ -606,23 +598,25 @@ def setting_outcome(args, name: str, setting: dict, results: dict, tokens: int, 
     return outcome
 
 
-def dispatch_splits(layer: ep.MoELayer) -> tuple[list[int], list[int]]:
-    """This rank's dispatch all-to-all splits in rows, [P] sent and [P] received, from the last forward."""
+def dispatch_splits(layer: ep.MoELayer, stats: ep.RoutingStats) -> tuple[list[int], list[int]]:
+    """This rank's dispatch all-to-all splits in rows ([P] sent, [P] received) in the forward of `stats`."""
     e, rank = layer.num_local_experts, layer.rank
-    rows_PE = [[int(v) for v in row] for row in gather(layer.stats.tokens_per_expert.tolist())]
+    rows_PE = [[int(v) for v in row] for row in gather(stats.tokens_per_expert.tolist())]
     send = [sum(rows_PE[rank][p * e : (p + 1) * e]) for p in range(layer.group_size)]
     recv = [sum(rows_PE[q][rank * e : (rank + 1) * e]) for q in range(layer.group_size)]
     return send, recv
 
 
 def refuse_all_to_one(args, shape: dict, x_TD: torch.Tensor, forced_TK: torch.Tensor) -> dict:
-    """Dropless all-to-one under MoEConfig.max_tokens_per_expert: the forward must refuse, on every rank."""
+    """Dropless all-to-one under ExecutionConfig.max_tokens_per_expert: the forward refuses on every rank."""
     size, tokens = dist.get_world_size(), x_TD.shape[0]
     fair = size * tokens * shape["top_k"] / shape["num_experts"]
     cap = math.ceil(args.cap_factor * fair)
-    config = ep.MoEConfig(**shape, capacity_factor=None, max_tokens_per_expert=cap)
+    config = ep.MoEConfig(**shape, capacity_factor=None)
     torch.manual_seed(0)
-    layer = ep.MoELayer(config, group=dist.group.WORLD)
+    layer = ep.MoELayer(
+        config, group=dist.group.WORLD, execution=ep.ExecutionConfig(max_tokens_per_expert=cap)
+    )
     layer.forced_expert_ids = forced_TK
     try:
         with torch.no_grad():
@@ -713,7 +707,7 @@ def print_case(args: argparse.Namespace, case: dict) -> None:
 def print_overlap(args: argparse.Namespace, case: dict) -> None:
     """Per setting and chunk count: step time, the exchange time left exposed, the rest, against the first."""
     impls = case["impls"]
-    say(f"\noverlap (MoEConfig.exchange_chunks; ms, slowest rank, median of {args.steps} rounds):")
+    say(f"\noverlap (ExecutionConfig.exchange_chunks; ms, slowest rank, median of {args.steps} rounds):")
     say(f"{'':<30} {'total':>8} {'exchange':>9} {'rest':>8} {'x first':>8} {'paired':>8}")
     for name in case["layers"]:
         first = impls.get(f"layer {name}")

@@ -30,18 +30,27 @@ class PhaseTape:
     own work. `also` adds a phase's seconds to a second key as well.
     """
 
-    def __init__(self, phases: tuple[str, ...], group=None):
+    def __init__(self, phases: tuple[str, ...], group=None, exchange_clock=None):
         self.seconds = {f"{phase} {way}": 0.0 for phase in phases for way in ("fwd", "bwd")}
         self.group = group
+        self.exchange_clock = exchange_clock  # a layer's comm.ExchangeClock, or None
         self._tape = []  # (phase, barrier, also, outputs, their detached leaves), in forward order
 
     @contextmanager
     def clock(self, phase: str, way: str = "fwd", barrier: bool = False, also: str | None = None):
+        """Time a phase. With an exchange clock, the seconds it saw inside another phase's
+        collectives move to "all-to-all" and "exchange" (a dispatcher call holds both)."""
         if barrier:
             dist.barrier(self.group)
+        in_collectives = self.exchange_clock.seconds if self.exchange_clock is not None else 0.0
         start = time.perf_counter()
         yield
         seconds = time.perf_counter() - start
+        if self.exchange_clock is not None and phase != "all-to-all":
+            moved = self.exchange_clock.seconds - in_collectives
+            seconds -= moved
+            for key in (f"all-to-all {way}", f"exchange {way}"):
+                self.seconds[key] = self.seconds.get(key, 0.0) + moved
         self.seconds[f"{phase} {way}"] += seconds
         if also is not None:
             self.seconds[f"{also} {way}"] = self.seconds.get(f"{also} {way}", 0.0) + seconds
