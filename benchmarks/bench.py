@@ -62,13 +62,11 @@ from benchmarks.bench_tools import (
     PhaseTape,
     even_splits,
     forced_expert_ids,
-    keep_freed_memory,
     plain_all_to_all_seconds,
-    return_freed_memory,
     rss_peak,
     timed_step,
-    trim,
 )
+from expert_parallel.allocator import keep_freed_memory, return_freed_memory, trim
 
 PHASES = bench_peers.PHASES
 IMPLS = ("layer", "floor", "breakdown", "fairscale", "loop")
@@ -156,7 +154,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--malloc-default",
         action="store_true",
         help="leave glibc malloc as it is while timing (by default freed memory is kept for reuse; "
-        "see bench_tools.keep_freed_memory)",
+        "see expert_parallel.allocator.keep_freed_memory)",
     )
     args = parser.parse_args(argv)
     if args.quick:

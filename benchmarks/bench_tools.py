@@ -5,7 +5,6 @@ Legend: T tokens on this rank, E experts, K top-k.
 
 from __future__ import annotations
 
-import ctypes
 import math
 import statistics
 import threading
@@ -100,53 +99,6 @@ def rss_peak(interval_s: float = 0.0005) -> Iterator[dict]:
         result["peak"] = max(result["peak"], process.memory_info().rss)
 
 
-def _libc():
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-
-
-# mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
-
-
-def keep_freed_memory() -> str:
-    """Ask glibc malloc to keep freed memory for reuse instead of returning it to the OS.
-
-    NOTE: by default glibc serves blocks over 128 KiB-32 MiB with mmap and
-    trims the heap after frees, so every step maps fresh pages and pays a
-    page fault per 4 KiB on first touch (about 65-100K faults, 200-500 ms of
-    system time per step here). That cost lands in whichever op first touches
-    the memory, at random, and is the allocator's, not the layer's. Turned
-    off, every implementation runs on warm memory.
-    """
-    libc = _libc()
-    if libc is None:
-        return "allocator unchanged (no glibc)"
-    if libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, 2**30):
-        return "glibc malloc keeps freed memory (M_MMAP_MAX 0, M_TRIM_THRESHOLD 1 GiB)"
-    return "allocator unchanged (mallopt refused)"
-
-
-def return_freed_memory() -> bool:
-    """The opposite, for measuring memory: every block over 128 KiB is mmapped and unmapped when freed.
-
-    NOTE: a fixed M_MMAP_THRESHOLD also stops glibc from raising it after a
-    free (its default, dynamic, would serve later big blocks from the heap,
-    which is not returned). Then RSS follows the live tensors, and its peak
-    during a step, above its level before, is that step's peak memory.
-    malloc_trim(0) hands back what the kept heap holds now.
-    """
-    libc = _libc()
-    if libc is None:
-        return False
-    ok = libc.mallopt(_M_MMAP_MAX, 65536) and libc.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
-    ok = ok and libc.mallopt(_M_TRIM_THRESHOLD, 128 * 1024)
-    libc.malloc_trim(0)
-    return bool(ok)
-
-
 def timed_step(forward: Callable[[], torch.Tensor], drop: tuple) -> Callable[[], dict[str, float]]:
     """A step that runs `forward()` to a scalar loss and its backward, timing each; then drops the
     gradients of `drop` (modules: zero_grad(set_to_none=True); tensors: .grad = None)."""
@@ -165,12 +117,6 @@ def timed_step(forward: Callable[[], torch.Tensor], drop: tuple) -> Callable[[],
         return seconds
 
     return step
-
-
-def trim() -> None:
-    libc = _libc()
-    if libc is not None:
-        libc.malloc_trim(0)
 
 
 def forced_expert_ids(skew: str, tokens: int, num_experts: int, top_k: int, generator) -> torch.Tensor | None:

@@ -353,7 +353,7 @@ def _measure_rank(rank: int, size: int, port: int, layer: Layer, out: str, backg
     import torch
     import torch.distributed as dist
 
-    from benchmarks.bench_tools import keep_freed_memory
+    from expert_parallel.allocator import keep_freed_memory
 
     keep_freed_memory()  # as benchmarks.bench does: page faults on fresh buffers halve the GEMM rate here
     torch.set_num_threads(1)

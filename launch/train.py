@@ -36,6 +36,7 @@ import torch.distributed as dist
 
 import expert_parallel as ep
 from expert_parallel import checkpoint, data
+from expert_parallel.allocator import keep_freed_memory
 from expert_parallel.config import ExecutionConfig, from_section, load_toml
 from expert_parallel.model import ModelConfig, Transformer
 from expert_parallel.parallel import Layout, expert_parameters, make_layout, shard_experts, sum_gradients
@@ -62,6 +63,9 @@ class TrainConfig:
     max_corpus_bytes: int | None = None  # cap on each of train and validation text (None: all)
     activation_checkpointing: bool = False  # recompute each block's activations in the backward
     compile: bool = False  # torch.compile each block (the MoE exchanges run between its graphs)
+    compile_backend: str = "inductor"  # torch.compile's backend ("aot_eager": no code generation)
+    # glibc malloc keeps freed memory for reuse instead of mapping fresh pages every step (allocator.py)
+    keep_freed_memory: bool = True
 
     def __post_init__(self) -> None:
         for name in ("steps", "global_batch", "micro_batch", "eval_every", "eval_batches", "log_every"):
@@ -196,7 +200,7 @@ class Trainer:
         self.model.activation_checkpointing = train.activation_checkpointing
         if train.compile:
             for block in self.model.blocks:
-                block.compile()
+                block.compile(backend=train.compile_backend)
         parallel = config.parallel
         moe_layers = [layer for _, layer in self.model.moe_layers()]
         self.load_ema = [torch.zeros(layer.config.num_experts, dtype=torch.float64) for layer in moe_layers]
@@ -451,9 +455,13 @@ def run_training(config: RunConfig, before_forward: BeforeForward | None = None)
     if "WORLD_SIZE" in os.environ:  # under torchrun
         timeout = timedelta(seconds=config.parallel.timeout_s)
         device = ep.init_distributed(config.parallel.backend, timeout=timeout)
+    allocator = "glibc malloc defaults (train.keep_freed_memory = false)"
+    if config.train.keep_freed_memory:
+        allocator = keep_freed_memory()
     try:
         layout = make_layout(config.parallel.ep, device.type)
         trainer = Trainer(config, layout, device, before_forward=before_forward)
+        trainer.say(f"allocator: {allocator}")
         trainer.say(
             f"{layout.world} rank(s): dp {layout.dp} x ep {layout.ep}; "
             f"{trainer.model.num_params() / 1e6:.2f}M parameters, "
