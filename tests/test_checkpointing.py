@@ -84,7 +84,9 @@ def _one_step(config, execution, checkpointed: bool, forced=None) -> dict:
         if forced is not None:
             layer.forced_expert_ids = forced[0]
         with counting_collectives(phases["forward"]):
-            out = checkpoint(block, x, choices_E, use_reentrant=False) if checkpointed else block(x, choices_E)
+            out = (
+                checkpoint(block, x, choices_E, use_reentrant=False) if checkpointed else block(x, choices_E)
+            )
         if forced is not None:  # a recompute that routed again would take these instead
             layer.forced_expert_ids = forced[1]
         with counting_collectives(phases["backward"]):
@@ -167,7 +169,9 @@ def test_model_activation_checkpointing_is_bitwise_equal():
         lm_loss, aux_loss, outputs = model.loss(tokens)
         (lm_loss + aux_loss).backward()
         grads = {n: p.grad for n, p in model.named_parameters()}
-        runs.append((lm_loss.detach(), aux_loss.detach(), [o.stats.choices_per_expert for o in outputs], grads))
+        runs.append(
+            (lm_loss.detach(), aux_loss.detach(), [o.stats.choices_per_expert for o in outputs], grads)
+        )
     (lm_a, aux_a, choices_a, grads_a), (lm_b, aux_b, choices_b, grads_b) = runs
     assert torch.equal(lm_a, lm_b) and torch.equal(aux_a, aux_b)
     assert all(torch.equal(a, b) for a, b in zip(choices_a, choices_b))
