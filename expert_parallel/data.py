@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .config import check_int
+
 # NOTE: files are joined with one NUL byte: no source file of the standard library contains one, so
 # it marks a file boundary unambiguously, and the model can learn that a new file starts after it.
 SEPARATOR = b"\0"
@@ -176,7 +178,4 @@ def _check_fits(corpus: ByteCorpus, length: int) -> None:
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an int, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    check_int("data", name, value, minimum)

@@ -37,7 +37,14 @@ import torch.distributed as dist
 import expert_parallel as ep
 from expert_parallel import checkpoint, data
 from expert_parallel.allocator import keep_freed_memory
-from expert_parallel.config import ExecutionConfig, from_section, load_toml
+from expert_parallel.config import (
+    ExecutionConfig,
+    check_choice,
+    check_int,
+    check_real,
+    from_section,
+    load_toml,
+)
 from expert_parallel.model import ModelConfig, Transformer
 from expert_parallel.parallel import Layout, expert_parameters, make_layout, shard_experts, sum_gradients
 from expert_parallel.placement import balance, contiguous
@@ -69,10 +76,14 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("steps", "global_batch", "micro_batch", "eval_every", "eval_batches", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        if self.checkpoint_every < 0 or self.warmup_steps < 0 or self.lr <= 0:
-            raise ValueError("train.checkpoint_every and train.warmup_steps must be >= 0, train.lr > 0")
+            check_int("train", name, getattr(self, name), minimum=1)
+        for name in ("checkpoint_every", "warmup_steps", "seed"):
+            check_int("train", name, getattr(self, name), minimum=0)
+        for name in ("lr", "min_lr_fraction", "weight_decay", "grad_clip"):
+            check_real("train", name, getattr(self, name))
+        if self.lr <= 0:
+            raise ValueError(f"train.lr must be > 0, got {self.lr!r}")
+        check_choice("train", "compile_backend", self.compile_backend, ("inductor", "aot_eager", "eager"))
 
 
 @dataclass(frozen=True)
@@ -84,17 +95,14 @@ class ParallelConfig:
     replan_every: int = 0  # re-place the experts every N steps from the measured load; 0: never
 
     def __post_init__(self) -> None:
-        if self.ep < 1 or self.timeout_s <= 0:
-            raise ValueError(
-                f"parallel.ep must be >= 1 and parallel.timeout_s > 0, got {self.ep}, {self.timeout_s}"
-            )
-        if self.redundant_experts < 0 or self.replan_every < 0:
-            raise ValueError(
-                f"parallel.redundant_experts and parallel.replan_every must be >= 0, "
-                f"got {self.redundant_experts}, {self.replan_every}"
-            )
-        if self.backend not in (None, "gloo", "nccl"):
-            raise ValueError(f"parallel.backend must be gloo, nccl or absent, got {self.backend!r}")
+        check_int("parallel", "ep", self.ep, minimum=1)
+        check_int("parallel", "redundant_experts", self.redundant_experts, minimum=0)
+        check_int("parallel", "replan_every", self.replan_every, minimum=0)
+        check_real("parallel", "timeout_s", self.timeout_s)
+        if self.timeout_s <= 0:
+            raise ValueError(f"parallel.timeout_s must be > 0, got {self.timeout_s!r}")
+        if self.backend is not None:
+            check_choice("parallel", "backend", self.backend, ("gloo", "nccl"))
 
 
 @dataclass(frozen=True)
