@@ -94,7 +94,11 @@ def build(world: int) -> tuple[torch.nn.ModuleList, torch.optim.Optimizer]:
     shape = dict(d_model=64, d_hidden=128, num_experts=2 * world, top_k=2)
     layers = torch.nn.ModuleList(
         [
-            ep.MoELayer(ep.MoEConfig(**shape, max_tokens_per_expert=4096 * world), dist.group.WORLD),
+            ep.MoELayer(
+                ep.MoEConfig(**shape),
+                dist.group.WORLD,
+                execution=ep.ExecutionConfig(max_tokens_per_expert=4096 * world),
+            ),
             ep.MoELayer(ep.MoEConfig(**shape, capacity_factor=1.25, drop_policy="probs"), dist.group.WORLD),
         ]
     )
@@ -104,18 +108,20 @@ def build(world: int) -> tuple[torch.nn.ModuleList, torch.optim.Optimizer]:
 def step(layers, optimizer, num_tokens: int, lean: torch.Tensor, generator) -> tuple[float, int, int]:
     x = torch.randn(num_tokens, 64, generator=generator) + lean
     target = torch.tanh(x.flip(-1))
-    hidden = x + layers[0](x)
-    out = hidden + layers[1](hidden)
+    first = layers[0](x)
+    hidden = x + first.out
+    second = layers[1](hidden)
+    out = hidden + second.out
     loss = torch.nn.functional.mse_loss(out, target) if num_tokens else out.sum()
-    (loss + layers[0].aux_loss + layers[1].aux_loss).backward()
+    (loss + first.aux_loss + second.aux_loss).backward()
     for layer in layers:  # the routers are replicated: average their gradients
         for param in layer.router.parameters():
             dist.all_reduce(param.grad)
             param.grad /= dist.get_world_size()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    dropped = sum(layer.stats.num_dropped for layer in layers)
-    routed = sum(layer.stats.num_routed for layer in layers)
+    dropped = int(first.stats.num_dropped) + int(second.stats.num_dropped)
+    routed = first.stats.num_routed + second.stats.num_routed
     return loss.item(), dropped, routed
 
 

@@ -31,7 +31,7 @@ def measure(layer: ep.MoELayer, x: torch.Tensor, steps: int) -> tuple[float, flo
     for _ in range(steps):
         layer.zero_grad(set_to_none=True)
         layer.exchange_clock.reset()
-        out = layer(x)
+        out = layer(x).out
         out.square().mean().backward()
         seconds = torch.tensor(layer.exchange_clock.reset(), dtype=torch.float64)
         dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
@@ -40,7 +40,7 @@ def measure(layer: ep.MoELayer, x: torch.Tensor, steps: int) -> tuple[float, flo
     with torch.no_grad():
         routing = route(layer._router_logits(x), config)
     owner_TK = routing.expert_ids // (config.num_experts // size)
-    if config.dispatch == "once_per_rank":
+    if layer.execution.dispatch == "once_per_rank":
         owned_TP = torch.zeros(x.shape[0], size, dtype=torch.bool).scatter_(1, owner_TK, True)
         rows, rows_away = owned_TP.sum(), owned_TP.sum() - owned_TP[:, layer.rank].sum()
     else:
@@ -92,7 +92,8 @@ def main(argv: list[str]) -> int:
         for label, config in routings:
             for dispatch in ("per_assignment", "once_per_rank"):
                 torch.manual_seed(0)
-                layer = ep.MoELayer(replace(config, dispatch=dispatch), dist.group.WORLD).to(device)
+                execution = ep.ExecutionConfig(dispatch=dispatch)
+                layer = ep.MoELayer(config, dist.group.WORLD, execution=execution).to(device)
                 measure(layer, x, 1)  # warm-up
                 rows, away, seconds = measure(layer, x, args.steps)
                 if rank == 0:

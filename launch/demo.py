@@ -44,14 +44,16 @@ def say(*parts: object) -> None:
         print(*parts, flush=True)
 
 
-def load_balance(layer: ep.MoELayer) -> tuple[float, float, float]:
+def load_balance(stats: ep.RoutingStats) -> tuple[float, float, float]:
     """(dropped fraction, max/mean expert load, rows sent to other ranks per rank), over all ranks."""
-    load = layer.stats.tokens_per_expert.double().clone()
-    totals = torch.tensor(
-        [layer.stats.num_dropped, layer.stats.num_routed, layer.stats.rows_sent_to_other_ranks],
-        dtype=torch.double,
-        device=load.device,
-    )
+    load = stats.tokens_per_expert.double().clone()
+    totals = torch.stack(
+        [
+            stats.num_dropped,
+            torch.tensor(stats.num_routed, device=load.device),
+            stats.rows_sent_to_other_ranks,
+        ]
+    ).double()
     dist.all_reduce(load)
     dist.all_reduce(totals)
     dropped, routed, sent = totals.tolist()
@@ -68,7 +70,7 @@ def check_against_single_process(
     torch.manual_seed(seed)
     reference = ep.MoELayer(config).to(x.device)  # group=None: all experts, the definition of correct
     with torch.no_grad():
-        diff = (layer(x) - reference(x)).abs().max()
+        diff = (layer(x).out - reference(x).out).abs().max()
     dist.all_reduce(diff, op=dist.ReduceOp.MAX)
     return diff.item()
 
@@ -110,9 +112,10 @@ def main(argv: list[str]) -> int:
         for step in range(1, settings.steps + 1):
             x = torch.randn(settings.tokens_per_rank, config.d_model, generator=gen).to(device)
             with torch.no_grad():
-                target = teacher(x)
-            loss = torch.nn.functional.mse_loss(layer(x), target)
-            (loss + layer.aux_loss).backward()
+                target = teacher(x).out
+            out, aux_loss, stats = layer(x)
+            loss = torch.nn.functional.mse_loss(out, target)
+            (loss + aux_loss).backward()
             # The router is replicated: average its gradient so every rank keeps the same router.
             # Expert gradients already hold every rank's tokens (the all-to-all brought them home).
             for param in layer.router.parameters():
@@ -123,10 +126,10 @@ def main(argv: list[str]) -> int:
             if step % settings.log_every == 0 or step == settings.steps:
                 loss_all = loss.detach().clone()
                 dist.all_reduce(loss_all)
-                dropped, imbalance, sent = load_balance(layer)
+                dropped, imbalance, sent = load_balance(stats)
                 rate = step * settings.tokens_per_rank * world / (time.perf_counter() - start)
                 say(
-                    f"step {step:3d}  loss {loss_all.item() / world:.4f}  aux {layer.aux_loss.item():.4f}  "
+                    f"step {step:3d}  loss {loss_all.item() / world:.4f}  aux {aux_loss.item():.4f}  "
                     f"dropped {dropped:6.2%}  load max/mean {imbalance:.2f}  "
                     f"rows sent/rank {sent:.0f}  {rate:,.0f} tokens/s"
                 )

@@ -17,9 +17,9 @@ if __name__ == "__main__":
     try:
         config = ep.MoEConfig(d_model=8, d_hidden=8, num_experts=2 * dist.get_world_size())
         layer = ep.MoELayer(config, dist.group.WORLD)
-        trained = layer(torch.randn(32, 8))
+        trained = layer(torch.randn(32, 8)).out
         trained.sum().backward()
-        kept_alive = layer(torch.randn(16, 8))  # graph holds the group at exit
+        kept_alive = layer(torch.randn(16, 8)).out  # graph holds the group at exit
         print(f"rank {dist.get_rank()} ok {tuple(kept_alive.shape)}", flush=True)
     finally:
         ep.shutdown()

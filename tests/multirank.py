@@ -1,9 +1,12 @@
-"""Start real ranks of a script on this machine (gloo over loopback) and collect every rank's exit code."""
+"""Start real ranks of a script on this machine (gloo over loopback) and collect every rank's exit code.
+
+For tests that must be whole processes (a rank that dies, exit codes, torchrun). A multi-rank case
+that is a function runs on the persistent ranks of tests/rankpool.py instead.
+"""
 
 from __future__ import annotations
 
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -70,25 +73,3 @@ def launch(
         results.append(RankResult(rank, code, log.read()))
         log.close()
     return results
-
-
-def assert_all_ranks_succeeded(results: list[RankResult]) -> None:
-    failed = [r for r in results if r.returncode != 0]
-    if failed:
-        report = "\n".join(
-            f"--- rank {r.rank}: exit code {r.returncode} (None = killed at timeout) ---\n{r.output[-4000:]}"
-            for r in failed
-        )
-        raise AssertionError(f"{len(failed)} of {len(results)} ranks failed\n{report}")
-
-
-def checks_run(results: list[RankResult]) -> list[int]:
-    """Every rank exited 0 and printed "rank r: n of n checks passed" (a Checks verdict); each rank's n."""
-    assert_all_ranks_succeeded(results)
-    counts = []
-    for result in results:
-        passed = re.search(r"rank \d+: (\d+) of (\d+) checks passed", result.output)
-        assert passed, result.output[-2000:]
-        assert passed.group(1) == passed.group(2), result.output[-2000:]
-        counts.append(int(passed.group(2)))
-    return counts

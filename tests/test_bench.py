@@ -5,10 +5,12 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from multirank import REPO
 
 import expert_parallel as ep
+from benchmarks import bench as bench_main
 from benchmarks import bench_report
 from benchmarks.bench_peers import SimpleMoE
 from benchmarks.bench_tools import PhaseTape, forced_expert_ids
@@ -75,6 +77,8 @@ def bench(*args: str) -> subprocess.CompletedProcess:
     return run
 
 
+@pytest.mark.dist
+@pytest.mark.slow
 def test_side_by_side_and_skew_smoke_run_then_the_report(tmp_path):
     out = tmp_path / "bench.json"
     text = bench("--compare", "--capacity", "none,1.25", "--skew", "router,one", "--json", str(out)).stdout
@@ -101,6 +105,8 @@ def test_side_by_side_and_skew_smoke_run_then_the_report(tmp_path):
         assert (plots / "bench_skew.png").stat().st_size > 0
 
 
+@pytest.mark.dist
+@pytest.mark.slow
 def test_bf16_mode_reports_the_ratio_and_the_difference_against_fp32_and_the_overlap_table():
     args = (
         "--dtype",
@@ -115,8 +121,44 @@ def test_bf16_mode_reports_the_ratio_and_the_difference_against_fp32_and_the_ove
     )
     text = bench(*args).stdout
     assert "bf16 layer / bf16 floor (dropless)" in text and "same experts chosen: True" in text
-    assert "overlap (MoEConfig.exchange_chunks" in text
+    assert "overlap (ExecutionConfig.exchange_chunks" in text
     assert "dropless chunks 1 " in text and "dropless chunks 2 " in text
+
+
+def test_variant_options_parse_and_one_varying_list_at_a_time(capsys):
+    both = "per_assignment,once_per_rank"
+    args = bench_main.parse_args(["--dispatch", both, "--compile", "--malloc-default"])
+    assert args.dispatch == ["per_assignment", "once_per_rank"] and args.compile == "inductor"
+    assert args.malloc == ["default"] and bench_main.parse_args([]).malloc == ["tuned"]
+    suffixes = [suffix for suffix, _ in bench_main.layer_variants(args)]
+    assert suffixes == ["", " once_per_rank"]
+    for bad, message in (
+        (["--dispatch", both, "--chunks", "1,2"], "only one of them"),
+        (["--dispatch", "once_per_rank", "--chunks", "2"], "--chunks > 1 needs"),
+        (["--dispatch", "per_rank"], "'per_rank'"),
+        (["--malloc", "tuned,tuned"], "twice"),
+        (["--compile", "eager"], "invalid choice"),
+    ):
+        with pytest.raises(SystemExit):
+            bench_main.parse_args(bad)
+        assert message in capsys.readouterr().err
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_dispatch_compile_and_malloc_variants_smoke_run(tmp_path):
+    out = tmp_path / "variants.json"
+    args = ["--capacity", "1.25", "--impls", "layer,floor", "--no-memory", "--json", str(out)]
+    args += ["--dispatch", "per_assignment,once_per_rank", "--compile", "aot_eager"]
+    args += ["--malloc", "default,tuned"]
+    text = bench(*args).stdout
+    assert "variants (ms: slowest rank" in text and "layer capacity 1.25 compiled: first step" in text
+    table = json.loads(out.read_text())["cases"][0]["variants"]
+    kinds = ("layer", "layer once_per_rank", "layer compiled", "floor")
+    want = [f"{kind} capacity 1.25 malloc {mode}" for mode in ("default", "tuned") for kind in kinds]
+    assert list(table) == want
+    assert all(row["x floor"]["median"] > 0 for key, row in table.items() if key.startswith("layer"))
+    assert table["layer capacity 1.25 malloc default"]["x record"]["per_round"] == [1.0]
 
 
 def test_report_tables_from_a_sweep_and_weak_scaling():
@@ -145,6 +187,8 @@ def test_report_tables_from_a_sweep_and_weak_scaling():
     assert "| T 4096, E 8, H 64, top-2 | 2 | 44 | 0.91 | 40 | 0.91 |" in weak
 
 
+@pytest.mark.dist
+@pytest.mark.slow
 def test_the_trainer_under_forced_routing_and_the_trainer_without_it(tmp_path):
     def run(module: str, options: list[str], *overrides: str) -> subprocess.CompletedProcess:
         cmd = [sys.executable, "-m", module, *options, "--config", "configs/test.toml"]

@@ -104,7 +104,9 @@ def test_the_selection_bias_and_shared_experts_are_saved_and_loaded(tmp_path):
     layer.selection_bias.copy_(torch.tensor([0.1, -0.2, 0.3, -0.4]))
     state = checkpoint.model_state(model)
     assert "blocks.0.ffn.selection_bias" in state and "blocks.0.ffn.shared_experts.w1" in state
-    assert "blocks.0.ffn.step_choices" not in state  # per-step counts are not state
+    # Weights and the bias are state; per-step counts are not (the trainer owns them).
+    parts = {k.split(".")[3] for k in state if k.startswith("blocks.0.ffn.")}
+    assert parts == {"router", "experts", "shared_experts", "selection_bias"}
     checkpoint.save(tmp_path, 1, model, torch.optim.AdamW(model.parameters()))
     with torch.no_grad():
         layer.selection_bias.zero_()

@@ -2,7 +2,7 @@
 
 import pytest
 
-from expert_parallel import MoEConfig
+from expert_parallel import ExecutionConfig, MoEConfig
 
 BASE = dict(d_model=8, d_hidden=16, num_experts=4)
 
@@ -63,3 +63,41 @@ def test_frozen_and_round_trips_through_a_dict():
     with pytest.raises(AttributeError):
         config.top_k = 1
     assert MoEConfig(**config.to_dict()) == config
+
+
+def test_how_a_layer_runs_is_not_part_of_what_it_computes():
+    names = set(MoEConfig(**BASE).to_dict())
+    assert not names & {"dispatch", "exchange_chunks", "max_tokens_per_expert", "gemm"}
+    with pytest.raises(TypeError):
+        MoEConfig(**BASE, dispatch="once_per_rank")
+    assert ExecutionConfig().to_dict() == {
+        "dispatch": "per_assignment",
+        "exchange_chunks": 1,
+        "max_tokens_per_expert": None,
+        "gemm": "auto",
+    }
+
+
+@pytest.mark.parametrize(
+    "field,value,words",
+    [
+        ("dispatch", "per_token", ["ExecutionConfig.dispatch", "per_token"]),
+        ("exchange_chunks", 0, ["ExecutionConfig.exchange_chunks"]),
+        ("exchange_chunks", 2.0, ["ExecutionConfig.exchange_chunks"]),
+        ("max_tokens_per_expert", 0, ["ExecutionConfig.max_tokens_per_expert"]),
+        ("max_tokens_per_expert", True, ["ExecutionConfig.max_tokens_per_expert"]),
+        ("gemm", "cublas", ["ExecutionConfig.gemm", "cublas"]),
+    ],
+)
+def test_execution_config_names_the_field_it_rejects(field, value, words):
+    with pytest.raises(ValueError) as err:
+        ExecutionConfig(**{field: value})
+    assert all(w in str(err.value) for w in words), str(err.value)
+
+
+def test_chunks_need_per_assignment_dispatch():
+    with pytest.raises(
+        ValueError, match=r"ExecutionConfig\.exchange_chunks=2 needs dispatch='per_assignment'"
+    ):
+        ExecutionConfig(exchange_chunks=2, dispatch="once_per_rank")
+    assert ExecutionConfig(exchange_chunks=2).exchange_chunks == 2

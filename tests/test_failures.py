@@ -9,9 +9,12 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 import torch.multiprocessing as mp
 from multirank import REPO, free_port, launch
 from peer_death import SURVIVOR_EXIT, mp_worker
+
+pytestmark = [pytest.mark.dist, pytest.mark.slow]  # whole rank processes, one of them killed
 
 SCRIPT = Path(__file__).with_name("peer_death.py")
 GROUP_TIMEOUT_S = 30

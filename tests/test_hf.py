@@ -1,19 +1,18 @@
-"""Hugging Face MoE blocks as MoELayers: equal outputs and gradients, the way back, and refusals.
+"""Hugging Face MoE blocks as MoELayers: equal outputs and gradients, the way back, and refusals,
+on one process and expert-parallel on 2 gloo ranks.
 
-The blocks are tiny random ones built locally (tests/hf_checks.py), no download.
+The blocks are tiny random ones built locally (tests/hf_blocks.py), no download.
 """
-
-import re
-from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch import nn
 
 pytest.importorskip("transformers")
 
-from hf_checks import KINDS, TOL, block_grads, block_output, build_block  # noqa: E402
-from multirank import assert_all_ranks_succeeded, launch  # noqa: E402
+from hf_blocks import DISPATCHES, KINDS, TOL, block_grads, block_output, build_block  # noqa: E402
+from rankpool import on_ranks  # noqa: E402
 
 from expert_parallel.hf import copy_to_hf_block, from_hf_block  # noqa: E402
 
@@ -32,7 +31,7 @@ def test_layer_equals_block(kind):
     x = torch.randn(2, 13, 32)
     upstream = torch.randn(2, 13, 32)
     x_block, x_layer = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    want, got = block_output(block, x_block), layer(x_layer)
+    want, got = block_output(block, x_block), layer(x_layer).out
     assert_close(got, want, f"{kind} output")
     (want * upstream).sum().backward()
     (got * upstream).sum().backward()
@@ -69,7 +68,7 @@ def test_round_trip(kind):
     copy_to_hf_block(layer, target)
     x = torch.randn(2, 13, 32)
     with torch.no_grad():
-        assert_close(block_output(target, x), layer(x), f"{kind} written-back block")
+        assert_close(block_output(target, x), layer(x).out, f"{kind} written-back block")
     again = from_hf_block(target)
     for (name, ours), theirs in zip(again.state_dict().items(), layer.state_dict().values()):
         assert torch.equal(ours, theirs), name
@@ -110,6 +109,12 @@ def test_per_expert_module_list_layout():
 def test_overrides_and_refusals():
     block = build_block("mixtral")
     assert from_hf_block(block, capacity_factor=1.25, aux_loss_coef=0.01).config.capacity_factor == 1.25
+    # How the layer runs is an override too (ExecutionConfig), kept apart from what it computes.
+    layer = from_hf_block(block, dispatch="once_per_rank", exchange_chunks=1, gemm="loop")
+    assert (layer.execution.dispatch, layer.execution.gemm) == ("once_per_rank", "loop")
+    assert layer.config == from_hf_block(block).config
+    with pytest.raises(ValueError, match="ExecutionConfig.dispatch"):
+        from_hf_block(block, dispatch="per_token")
     with pytest.raises(ValueError, match="no field"):
         from_hf_block(block, capacity=2)
     block.experts.has_bias = True
@@ -129,8 +134,47 @@ def test_overrides_and_refusals():
         copy_to_hf_block(from_hf_block(build_block("mixtral")), build_block("qwen2_moe"))
 
 
-def test_expert_parallel_on_two_ranks():
-    results = launch(Path(__file__).with_name("hf_checks.py"), 2, timeout=180)
-    assert_all_ranks_succeeded(results)
-    for result in results:
-        assert re.search(r"rank \d: \d+ comparisons, 0 failures", result.output), result.output[-2000:]
+@pytest.mark.parametrize("dispatch", DISPATCHES)
+@pytest.mark.parametrize("kind", KINDS)
+@on_ranks(2)
+def test_expert_parallel_equals_the_block(kind, dispatch):
+    """Every rank builds the same block and input; the layer from `from_hf_block` gives, on this rank's
+    own slice of the tokens, the block's output and input gradient for them; each local expert's weight
+    gradient equals the block's (the block sees every rank's tokens, as the expert's owner does); the
+    replicated router and shared experts' gradients, summed over ranks, equal the block's; and
+    `copy_to_hf_block(gather=True)` rebuilds the whole block on every rank."""
+    group = dist.group.WORLD
+    rank, size = dist.get_rank(group), dist.get_world_size(group)
+    block = build_block(kind, seed=1)
+    layer = from_hf_block(block, group, dispatch=dispatch)
+    assert layer.execution.dispatch == dispatch
+    torch.manual_seed(2)
+    x = torch.randn(3, 11, 32)
+    upstream = torch.randn(3, 11, 32)
+    # Unequal slices of the 33 tokens: rank r takes its share of a 1 : 2 : ... split.
+    bounds = [33 * sum(range(1, r + 1)) // sum(range(1, size + 1)) for r in range(size + 1)]
+    mine = slice(bounds[rank], bounds[rank + 1])
+
+    x_block = x.clone().requires_grad_(True)
+    want = block_output(block, x_block)
+    (want * upstream).sum().backward()
+    x_mine = x.reshape(-1, 32)[mine].clone().requires_grad_(True)
+    got = layer(x_mine).out
+    (got * upstream.reshape(-1, 32)[mine]).sum().backward()
+
+    assert_close(got.detach(), want.detach().reshape(-1, 32)[mine], "output")
+    assert_close(x_mine.grad, x_block.grad.reshape(-1, 32)[mine], "input grad")
+    theirs = block_grads(block, layer.first_expert, layer.num_local_experts)
+    assert set(dict(layer.named_parameters())) == set(theirs)
+    for name, param in layer.named_parameters():
+        grad = param.grad
+        if not name.startswith("experts."):  # replicated: each rank has its tokens' share
+            grad = grad.clone()
+            dist.all_reduce(grad, group=group)
+        assert_close(grad, theirs[name], f"{name} grad")
+
+    # Back into a block of other weights: with gather, every rank's block is the original.
+    other = build_block(kind, seed=3)
+    copy_to_hf_block(layer, other, gather=True)
+    for (name, ours), theirs in zip(other.state_dict().items(), block.state_dict().values()):
+        assert_close(ours, theirs, f"round trip {name}")

@@ -4,7 +4,10 @@ import re
 import subprocess
 import sys
 
+import pytest
 from multirank import REPO
+
+pytestmark = [pytest.mark.dist, pytest.mark.slow]  # every test is a torchrun run
 
 
 def torchrun(module: str, *args: str, nproc: int = 2, timeout: float = 180) -> subprocess.CompletedProcess:

@@ -17,7 +17,7 @@ def test_reproduces_simple_moe_outputs_and_gradients():
     load_reference(layer, reference)
     x = torch.randn(33, 64)
     x_ref, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
-    out_ref, out = reference(x_ref), layer(x_ours)
+    out_ref, out = reference(x_ref), layer(x_ours).out
     torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-6)
     upstream = torch.randn_like(out)
     (out_ref * upstream).sum().backward()
@@ -35,7 +35,7 @@ def test_reproduces_the_expert_router_moe_with_d_out_128():
     layer = MoELayer(MoEConfig(d_model=64, d_hidden=256, d_out=128, num_experts=8, top_k=1))
     load_reference(layer, reference)
     x = torch.randn(4, 64)
-    out = layer(x)
+    out = layer(x).out
     assert out.shape == (4, 128)
     torch.testing.assert_close(out, reference(x), rtol=1e-5, atol=1e-6)
     # top-1 with renormalised weights: the output is exactly the chosen expert's output.
@@ -78,7 +78,7 @@ def test_equals_a_per_token_loop(overrides):
     torch.manual_seed(2)
     layer = MoELayer(MoEConfig(**{"d_model": 8, "d_hidden": 12, "num_experts": 6, **overrides}))
     x = torch.randn(25, 8)
-    torch.testing.assert_close(layer(x), loop_reference(layer, x), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer(x).out, loop_reference(layer, x), rtol=1e-5, atol=1e-6)
 
 
 def test_parameter_layout_is_the_documented_one():
@@ -111,20 +111,24 @@ def test_leading_dimensions_are_kept_and_stats_report_drops():
     layer = MoELayer(
         MoEConfig(d_model=8, d_hidden=8, num_experts=4, top_k=2, capacity_factor=0.5, min_capacity=0)
     )
-    out = layer(torch.randn(3, 10, 8))
+    out, aux_loss, stats = layer(torch.randn(3, 10, 8))
     assert out.shape == (3, 10, 8)
-    stats = layer.stats
     assert stats.num_routed == 60 and stats.capacity == 8
-    assert stats.num_dropped == 60 - int(stats.tokens_per_expert.sum()) > 0
-    assert layer.aux_loss.requires_grad and layer.aux_loss.item() > 0
+    assert stats.num_dropped.shape == () and stats.rows_sent_to_other_ranks.shape == ()
+    assert int(stats.num_dropped) == 60 - int(stats.tokens_per_expert.sum()) > 0
+    assert int(stats.rows_sent_to_other_ranks) == 0  # no group: nothing travels
+    # Choices count before drops: every token's K choices.
+    assert int(stats.choices_per_expert.sum()) == 60
+    assert (stats.choices_per_expert >= stats.tokens_per_expert).all()
+    assert aux_loss.requires_grad and aux_loss.item() > 0
 
 
 def test_zero_tokens_give_an_empty_output_with_gradients():
     layer = MoELayer(MoEConfig(d_model=8, d_hidden=8, num_experts=4))
     x = torch.zeros(0, 8, requires_grad=True)
-    out = layer(x)
+    out, aux_loss, _ = layer(x)
     assert out.shape == (0, 8)
-    (out.sum() + layer.aux_loss).backward()
+    (out.sum() + aux_loss).backward()
     assert x.grad.shape == (0, 8)
 
 
@@ -146,5 +150,5 @@ def test_bad_input_is_rejected_clearly():
 
 def test_math_modules_do_not_touch_torch_distributed():
     package = Path(__file__).resolve().parent.parent / "expert_parallel"
-    for name in ("config.py", "router.py", "dispatch.py", "experts.py", "layer.py"):
+    for name in ("config.py", "router.py", "dispatch.py", "dispatchers.py", "experts.py", "layer.py"):
         assert "torch.distributed" not in (package / name).read_text(), name

@@ -5,21 +5,12 @@ import math
 import pytest
 import torch
 
-from expert_parallel import MoEConfig, MoELayer
+from expert_parallel import ExecutionConfig, MoEConfig, MoELayer
 from expert_parallel.model import DenseFFN, ModelConfig, Transformer
 
 D = 32
 MOE = MoEConfig(d_model=D, d_hidden=16, num_experts=4, top_k=2)
 BASE = dict(seq_len=16, d_model=D, n_layers=2, n_heads=4)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tensors this small gain nothing from threads, and on a busy machine threads cost 10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def build(seed: int = 0, **overrides) -> Transformer:
@@ -79,17 +70,20 @@ def test_config_requires_the_moe_widths_to_match_d_model():
 def test_from_dict_builds_the_nested_moe_and_names_unknown_keys():
     config = ModelConfig.from_dict({**BASE, "moe": {"d_model": D, "d_hidden": 16, "num_experts": 4}})
     assert config.moe == MoEConfig(d_model=D, d_hidden=16, num_experts=4)
-    with pytest.raises(ValueError, match=r"ModelConfig has no field\(s\) \['colour'\]"):
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['model\.colour'\]"):
         ModelConfig.from_dict({**BASE, "colour": "red"})
-    with pytest.raises(ValueError, match=r"MoEConfig has no field\(s\) \['experts'\]"):
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['moe\.experts'\]"):
         ModelConfig.from_dict({**BASE, "moe": {"d_model": D, "d_hidden": 16, "experts": 4}})
 
 
 @pytest.mark.parametrize("moe", [None, MOE])
 def test_forward_shapes_and_input_checks(moe):
     model = build(moe=moe)
-    assert model(random_tokens(3, 16)).shape == (3, 16, 256)
-    assert model(random_tokens(2, 5)).shape == (2, 5, 256)
+    logits, moe_outputs = model(random_tokens(3, 16))
+    assert logits.shape == (3, 16, 256)
+    assert len(moe_outputs) == (0 if moe is None else 2)
+    assert all(o.out.shape == (3, 16, D) for o in moe_outputs)
+    assert model(random_tokens(2, 5))[0].shape == (2, 5, 256)
     with pytest.raises(ValueError, match="seq_len=16"):
         model(random_tokens(1, 17))
     with pytest.raises(ValueError, match=r"\[B, S \+ 1\]"):
@@ -103,26 +97,35 @@ def test_changing_a_token_changes_no_earlier_logit():
     tokens = random_tokens(2, 16)
     changed = tokens.clone()
     changed[:, 9] = (changed[:, 9] + 1) % 256
-    before, after = model(tokens), model(changed)
+    before, after = model(tokens)[0], model(changed)[0]
     assert (after[:, :9] - before[:, :9]).abs().max() <= 1e-6
     assert (after[:, 9:] - before[:, 9:]).abs().amax(dim=-1).min() > 0
 
 
 @pytest.mark.parametrize("moe", [None, MOE])
 def test_loss_at_init_is_close_to_uniform_over_bytes(moe):
-    lm_loss, aux_loss = build(moe=moe).loss(random_tokens(4, 17))
+    lm_loss, aux_loss, _ = build(moe=moe).loss(random_tokens(4, 17))
     assert abs(lm_loss.item() - math.log(256)) < 0.5
     assert aux_loss.shape == ()
 
 
 def test_aux_loss_is_the_sum_over_the_moe_layers():
     model = build(n_layers=4, moe_every=2)
-    _, aux_loss = model.loss(random_tokens(2, 17))
-    layers = [layer for _, layer in model.moe_layers()]
-    assert len(layers) == 2 and aux_loss.item() > 0
-    assert torch.allclose(aux_loss, layers[0].aux_loss + layers[1].aux_loss)
-    _, dense_aux = build(moe=None).loss(random_tokens(2, 17))
-    assert dense_aux.item() == 0.0
+    tokens = random_tokens(2, 17)
+    _, aux_loss, outputs = model.loss(tokens)
+    assert len(model.moe_layers()) == len(outputs) == 2 and aux_loss.item() > 0
+    assert torch.equal(aux_loss, 0.0 + outputs[0].aux_loss + outputs[1].aux_loss)
+    # Each MoEOutput is its layer's: the layer applied to that block's normed input gives it again.
+    captured = {}
+    for i in (1, 3):
+        model.blocks[i].ffn_norm.register_forward_hook(lambda _m, _a, y, i=i: captured.setdefault(i, y))
+    _, again, outputs = model.loss(tokens)
+    assert torch.equal(again, aux_loss)
+    for output, (name, layer) in zip(outputs, model.moe_layers()):
+        alone = layer(captured[int(name.split(".")[1])])
+        assert torch.equal(alone.out, output.out) and torch.equal(alone.aux_loss, output.aux_loss), name
+    _, dense_aux, dense_outputs = build(moe=None).loss(random_tokens(2, 17))
+    assert dense_aux.item() == 0.0 and dense_outputs == []
 
 
 def test_moe_every_2_places_moe_in_blocks_1_3():
@@ -185,7 +188,7 @@ def test_a_few_steps_on_repeated_text_reduce_the_loss():
     batch = torch.stack([text[i : i + 17] for i in range(0, 64, 8)])
     losses = []
     for _ in range(25):
-        lm_loss, aux_loss = model.loss(batch)
+        lm_loss, aux_loss, _ = model.loss(batch)
         losses.append(lm_loss.item())
         model.zero_grad()
         (lm_loss + aux_loss).backward()
@@ -209,3 +212,27 @@ def test_generate_has_the_right_length_and_is_reproducible():
     assert model.generate(prompt[:3], 0).shape == (3,)
     with pytest.raises(ValueError, match="non-empty prompt"):
         model.generate(prompt[:0], 1)
+
+
+def test_choices_before_reach_each_moe_layer_in_order():
+    """Global-batch aux loss over two micro-batches: the caller sums each layer's choices."""
+    moe = MoEConfig(d_model=D, d_hidden=16, num_experts=4, top_k=2, aux_loss_scope="global_batch")
+    model = build(n_layers=4, moe_every=2, moe=moe)
+    _, _, first = model.loss(random_tokens(2, 17, seed=1))
+    choices_before = [output.stats.choices_per_expert for output in first]
+    captured = {}
+    for i in (1, 3):
+        model.blocks[i].ffn_norm.register_forward_hook(lambda _m, _a, y, i=i: captured.setdefault(i, y))
+    _, aux_loss, second = model.loss(random_tokens(2, 17, seed=2), choices_before)
+    assert torch.equal(aux_loss, 0.0 + second[0].aux_loss + second[1].aux_loss)
+    for i, choices_E, output, (_, layer) in zip((1, 3), choices_before, second, model.moe_layers()):
+        assert torch.equal(layer(captured[i], choices_E).aux_loss, output.aux_loss)
+        assert not torch.equal(layer(captured[i]).aux_loss, output.aux_loss)  # the earlier counts matter
+
+
+def test_execution_config_reaches_every_moe_layer():
+    execution = ExecutionConfig(dispatch="once_per_rank", gemm="loop")
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**BASE, moe=MOE), execution=execution)
+    assert [layer.execution for _, layer in model.moe_layers()] == [execution, execution]
+    assert all(layer.execution == ExecutionConfig() for _, layer in build().moe_layers())

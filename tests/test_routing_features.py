@@ -2,7 +2,7 @@
 
 The references below are deliberately naive: per token, in Python loops, in
 the order the papers describe them. EP equality of the same features is
-checked on real ranks by tests/ep_checks.py (and balance_checks.py).
+checked on real ranks by tests/test_multirank.py (and test_balance.py).
 """
 
 from __future__ import annotations
@@ -109,11 +109,9 @@ def test_eval_capacity_factor_replaces_the_training_factor_outside_training():
     layer = ep.MoELayer(config)
     x = torch.randn(64, 8)
     layer.train()
-    layer(x)
-    assert layer.stats.capacity == 16
+    assert layer(x).stats.capacity == 16
     layer.eval()
-    layer(x)
-    assert layer.stats.capacity == 32
+    assert layer(x).stats.capacity == 32
 
 
 def test_router_jitter_scales_the_router_input_in_training_only():
@@ -161,8 +159,9 @@ def test_shared_experts_add_a_dense_ffn_of_their_total_width(gate, activation, b
     assert layer.shared_experts.w1.shape == (8, 12)
     assert torch.equal(layer.experts.w1, routed_only.experts.w1)  # shared experts draw from their own seed
     x = torch.randn(2, 5, 8)
-    want = routed_only(x) + reference_shared(x.reshape(-1, 8), layer.shared_experts, activation).view(2, 5, 8)
-    assert torch.allclose(layer(x), want, atol=1e-6)
+    shared = reference_shared(x.reshape(-1, 8), layer.shared_experts, activation).view(2, 5, 8)
+    want = routed_only(x).out + shared
+    assert torch.allclose(layer(x).out, want, atol=1e-6)
 
 
 def reference_sequence_aux(probs, expert_ids, num_experts, seq_len):
@@ -191,9 +190,9 @@ def test_the_layer_uses_sequence_scope_for_batched_input():
     torch.manual_seed(0)
     layer = ep.MoELayer(config)
     x = torch.randn(3, 7, 8)
-    layer(x)
+    aux_loss = layer(x).aux_loss
     routing = route(layer.router(x.reshape(-1, 8)), config, sequence_length=7)
-    assert torch.allclose(layer.aux_loss, routing.aux_loss)
+    assert torch.allclose(aux_loss, routing.aux_loss)
 
 
 def test_selection_bias_update_follows_the_sign_of_the_load_gap():
@@ -202,15 +201,20 @@ def test_selection_bias_update_follows_the_sign_of_the_load_gap():
     layer = ep.MoELayer(config)
     forced = torch.tensor([[0]] * 6 + [[1]] * 2 + [[2]] * 2 + [[3]] * 2)  # loads 6, 2, 2, 2: mean 3
     layer.forced_expert_ids = forced
-    layer(torch.randn(12, 8))
-    assert layer.step_choices.tolist() == [6, 2, 2, 2]
-    layer.after_optimizer_step()
+    choices_E = layer(torch.randn(12, 8)).stats.choices_per_expert
+    assert choices_E.tolist() == [6, 2, 2, 2]
+    with pytest.raises(ValueError, match="choices per expert"):
+        layer.after_optimizer_step()  # the caller owns the step's counts: they must be passed
+    assert torch.equal(layer.selection_bias, torch.zeros(4))
+    layer.after_optimizer_step(choices_E)
     assert torch.allclose(layer.selection_bias, torch.tensor([-0.01, 0.01, 0.01, 0.01]))
-    assert layer.step_choices.tolist() == [0, 0, 0, 0]
-    assert "selection_bias" in layer.state_dict() and "step_choices" not in layer.state_dict()
-    layer.eval()  # evaluation forwards do not count
-    layer(torch.randn(12, 8))
-    assert layer.step_choices.tolist() == [0, 0, 0, 0]
+    # The bias is state; per-step counts are not: the layer keeps no count buffer.
+    assert [name for name, _ in layer.named_buffers()] == ["selection_bias"]
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    attributes = set(vars(layer))
+    layer(torch.randn(12, 8))  # a training forward writes nothing to the layer
+    assert set(vars(layer)) == attributes
+    assert all(torch.equal(v, before[k]) for k, v in layer.state_dict().items())
 
 
 def test_aux_loss_free_balancing_evens_out_a_skewed_router():
@@ -222,12 +226,12 @@ def test_aux_loss_free_balancing_evens_out_a_skewed_router():
     with torch.no_grad():
         layer.router.bias.copy_(torch.linspace(2, -2, 8))  # a strong preference for low ids
     x = torch.randn(512, 8)
-    layer(x)
-    before = layer.stats.tokens_per_expert.float()
+    stats = layer(x).stats
+    before = stats.tokens_per_expert.float()
     for _ in range(300):
-        layer.after_optimizer_step()
-        layer(x)
-    after = layer.stats.tokens_per_expert.float()
+        layer.after_optimizer_step(stats.choices_per_expert)
+        stats = layer(x).stats
+    after = stats.tokens_per_expert.float()
     assert before.max() / before.mean() > 2.0
     assert after.max() / after.mean() < 1.3
 

@@ -10,6 +10,8 @@ import sys
 import pytest
 from multirank import REPO
 
+pytestmark = [pytest.mark.dist, pytest.mark.slow]  # every test runs the trainer as processes
+
 LAYOUTS = [(1, 1), (2, 1), (2, 2), (4, 2)]  # (world, ep): 1 process, dp=2, ep=2, dp=2 x ep=2
 
 

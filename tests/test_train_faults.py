@@ -8,8 +8,11 @@ import sys
 import time
 
 import psutil
+import pytest
 from multirank import REPO, free_port
 from test_train import losses, train
+
+pytestmark = [pytest.mark.dist, pytest.mark.slow]  # torchrun agents, killed workers, two nodes
 
 RUN = ("train.steps=60", "train.checkpoint_every=10", "train.eval_every=1000", "train.log_every=1000")
 
