@@ -234,6 +234,22 @@ def sum_rows(z_RO: Tensor, row_TK: Tensor) -> Tensor:
     return z_RO.index_select(0, row_TK.reshape(-1)).view(*row_TK.shape, z_RO.shape[-1]).sum(dim=1)
 
 
+def sort_by_id(ids_N: Tensor, num_ids: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Slots sorted by id, and each one's position among the slots of its id; no host sync.
+
+    Returns (order_N, sorted ids_N, position_N of each sorted slot, counts [num_ids]).
+    NOTE: stable, so the slots of one id keep their order (tokens in order).
+    Example: ids [2, 0, 2, 1] -> order [1, 3, 0, 2], sorted [0, 1, 2, 2], positions [0, 0, 0, 1].
+    """
+    order_N = ids_N.argsort(stable=True)
+    sorted_N = ids_N[order_N]
+    counts_I = torch.zeros(num_ids, dtype=torch.long, device=ids_N.device)
+    counts_I.scatter_add_(0, ids_N, torch.ones_like(ids_N))
+    starts_I = counts_I.cumsum(0) - counts_I
+    position_N = torch.arange(ids_N.numel(), device=ids_N.device) - starts_I[sorted_N]
+    return order_N, sorted_N, position_N, counts_I
+
+
 @dataclass(frozen=True)
 class PaddedPlan:
     """Capacity routing with static shapes: expert e's kept rows fill slots e * C ... e * C + C - 1.
@@ -256,13 +272,7 @@ def plan_padded(routing: Routing, capacity: int) -> PaddedPlan:
     num_experts = routing.tokens_per_expert.numel()
     device = routing.expert_ids.device
     expert_ids_N = torch.where(routing.keep, routing.expert_ids, num_experts).reshape(-1)
-    # NOTE: stable, so an expert's rows keep token order.
-    order_N = expert_ids_N.argsort(stable=True)
-    sorted_N = expert_ids_N[order_N]
-    counts_E1 = torch.zeros(num_experts + 1, dtype=torch.long, device=device)
-    counts_E1.scatter_add_(0, expert_ids_N, torch.ones_like(expert_ids_N))
-    starts_E1 = counts_E1.cumsum(0) - counts_E1
-    position_N = torch.arange(order_N.numel(), device=device) - starts_E1[sorted_N]
+    order_N, sorted_N, position_N, _ = sort_by_id(expert_ids_N, num_experts + 1)
     num_slots = num_experts * capacity
     sorted_slot_N = torch.where(sorted_N < num_experts, sorted_N * capacity + position_N, num_slots)
     slot_N = torch.empty_like(order_N).scatter_(0, order_N, sorted_slot_N)

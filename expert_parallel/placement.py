@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .dispatch import sort_by_id
 from .router import Routing
 
 
@@ -161,13 +162,7 @@ def to_physical(routing: Routing, placement: Placement, rank: int) -> Routing:
     num_experts, num_physical = replica_count_E.numel(), placement.physical_to_logical.numel()
     keep_N = routing.keep.reshape(-1)
     logical_N = torch.where(keep_N, routing.expert_ids.reshape(-1), num_experts)
-    # NOTE: stable, so each expert's rows keep token order.
-    order_N = logical_N.argsort(stable=True)
-    sorted_N = logical_N[order_N]
-    counts_E1 = torch.zeros(num_experts + 1, dtype=torch.long, device=device)
-    counts_E1.scatter_add_(0, logical_N, torch.ones_like(logical_N))
-    starts_E1 = counts_E1.cumsum(0) - counts_E1
-    j_N = torch.arange(sorted_N.numel(), device=device) - starts_E1[sorted_N]
+    order_N, sorted_N, j_N, counts_E1 = sort_by_id(logical_N, num_experts + 1)  # rows keep token order
     count_E1 = F.pad(replica_count_E, (0, 1), value=1)
     n_N, c_N = count_E1[sorted_N], counts_E1[sorted_N].clamp_min(1)
     replica_N = (j_N * n_N // c_N + rank) % n_N
