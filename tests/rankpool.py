@@ -15,18 +15,19 @@ parameters are pytest's (fixtures such as tmp_path, or arguments of a
 `pytest.mark.parametrize` above it); their values are pickled to every rank.
 
 The ranks are a pool of persistent processes per world size (the session
-fixture `rank_pools`; starting one costs seconds, a case then costs only its
-own work). A test sends its module and function name to every rank; each rank
-imports the module (with pytest's assertion rewriting, so a failed `assert`
-shows its values), seeds torch's default generator with 0, runs the function
-and answers "passed" or its traceback. The test fails with every failing
+fixture `rank_pools`, conftest.py), forked from one zygote process that has
+imported torch once: a pool starts in about a second, and a case then costs
+only its own work. A test sends its module and function name to every rank;
+each rank imports the module (with pytest's assertion rewriting, so a failed
+`assert` shows its values), seeds torch's default generator with 0, runs the
+function and answers "passed" or its traceback. The test fails with every failing
 rank's traceback and what it printed, or after `timeout` seconds naming the
 ranks that did not answer. A failure leaves ranks out of step in their
 collectives, so after a failure or a timeout the pool is killed and the next
 test starts a fresh one. At the end of the session every rank leaves through
 ep.shutdown (gc, barrier, destroy the group) and exits 0.
 
-Run as a script, this file is one rank of a pool (`_serve`).
+Run as a script, this file is the zygote (`_zygote`); each rank runs `_serve`.
 """
 
 from __future__ import annotations

@@ -2,9 +2,10 @@
 
 from dataclasses import replace
 
+import pytest
 import torch
 
-from expert_parallel import MoEConfig, route
+from expert_parallel import ExecutionConfig, MoEConfig, MoELayer, route
 from expert_parallel.dispatch import (
     combine,
     expand_by_expert,
@@ -17,6 +18,7 @@ from expert_parallel.dispatch import (
     sum_rows,
     weighted_sum,
 )
+from expert_parallel.dispatchers import check_expert_load, chunk_bounds
 from expert_parallel.experts import grouped_linear
 from expert_parallel.router import Routing
 
@@ -149,3 +151,31 @@ def test_expand_and_sum_undo_the_once_per_rank_rows():
     weights = torch.tensor([[0.5, 0.25], [9.0, 2.0], [3.0, 9.0]])
     assert weighted_sum(y_AO, weights, slot_SK).tolist() == [[0.5 * 3 + 0.25 * 1], [2.0 * 4], [3.0 * 2]]
     assert sum_rows(torch.tensor([[1.0], [2.0]]), torch.tensor([[0, 1], [1, 2]])).tolist() == [[3.0], [2.0]]
+
+
+def test_chunk_bounds_split_the_local_experts_into_near_equal_ranges():
+    assert chunk_bounds(4, 1) == [(0, 4)]
+    assert chunk_bounds(4, 2) == [(0, 2), (2, 4)]
+    assert chunk_bounds(4, 3) == [(0, 1), (1, 2), (2, 4)]  # c * 4 // 3: 0, 1, 2, 4
+    assert chunk_bounds(3, 5) == [(0, 1), (1, 2), (2, 3)]  # at most one chunk per expert
+    assert chunk_bounds(1, 4) == [(0, 1)]
+
+
+def test_the_expert_load_cap_counts_every_ranks_rows():
+    rows_PE = [[3, 1, 0], [2, 0, 4]]  # two ranks' rows for three experts: loads 5, 1, 4
+    check_expert_load(rows_PE, ExecutionConfig(), "here")  # no cap
+    check_expert_load(rows_PE, ExecutionConfig(max_tokens_per_expert=5), "here")  # at the cap
+    with pytest.raises(ValueError) as err:
+        check_expert_load(rows_PE, ExecutionConfig(max_tokens_per_expert=4), "MoELayer 'x'")
+    words = ["MoELayer 'x'", "expert 0 would receive 5 rows", "ExecutionConfig.max_tokens_per_expert=4"]
+    assert all(w in str(err.value) for w in words), str(err.value)
+
+
+def test_the_single_process_layer_refuses_over_the_cap_too():
+    config = MoEConfig(d_model=4, d_hidden=4, num_experts=4, top_k=1)
+    layer = MoELayer(config, execution=ExecutionConfig(max_tokens_per_expert=6))
+    layer.forced_expert_ids = torch.zeros(6, 1, dtype=torch.long)
+    assert layer(torch.randn(6, 4)).out.shape == (6, 4)
+    layer.forced_expert_ids = torch.zeros(7, 1, dtype=torch.long)
+    with pytest.raises(ValueError, match="expert 0 would receive 7 rows"):
+        layer(torch.randn(7, 4))

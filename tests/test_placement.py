@@ -5,7 +5,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from expert_parallel.placement import Placement, balance, contiguous
+from expert_parallel.placement import Placement, balance, contiguous, to_physical
+from expert_parallel.router import Routing
 
 
 def zipf(num_experts: int) -> torch.Tensor:
@@ -149,3 +150,29 @@ def test_invariants_hold_for_random_loads(num_ranks, per_rank, redundant_per, se
     per_rank_load = placement.rank_load(load)
     heaviest = (load / placement.replica_count).max()
     assert per_rank_load.max() <= per_rank_load.mean() + heaviest + 1e-9
+
+
+def test_to_physical_splits_each_experts_kept_rows_over_its_replicas_as_documented():
+    """Expert 0 has replicas physical 0 (rank 0) and 2 (rank 1); experts 1 and 2 one each (1, 3).
+
+    Expert 0's kept rows, in token order, are tokens 0, 1, 4, 6, 7 (token 2 was dropped): c = 5,
+    n = 2, so row j goes to replica (floor(2 j / 5) + rank) % 2, the docstring's example on rank 1.
+    """
+    placement = Placement(
+        physical_to_logical=torch.tensor([[0, 1], [0, 2]]),
+        logical_to_physical=torch.tensor([[0, 2], [1, -1], [3, -1]]),
+        replica_count=torch.tensor([2, 1, 1]),
+    )
+    ids = torch.tensor([[0], [0], [0], [1], [0], [2], [0], [0]])
+    keep = torch.tensor([[True], [True], [False], [True], [True], [True], [True], [True]])
+    kept = torch.zeros(3, dtype=torch.long).scatter_add_(0, ids[keep], torch.ones(7, dtype=torch.long))
+    zero = torch.zeros(())
+    routing = Routing(ids, keep.float(), keep, kept, zero, zero, 6, kept, torch.zeros(3))
+    on_rank_1 = to_physical(routing, placement, rank=1)
+    assert on_rank_1.expert_ids.flatten().tolist() == [2, 2, 0, 1, 2, 3, 0, 0]  # the dropped slot keeps 0
+    assert on_rank_1.tokens_per_expert.tolist() == [2, 1, 3, 1]  # per physical expert, kept only
+    on_rank_0 = to_physical(routing, placement, rank=0)
+    assert on_rank_0.expert_ids.flatten().tolist() == [0, 0, 0, 1, 0, 3, 2, 2]
+    assert on_rank_0.tokens_per_expert.tolist() == [3, 1, 2, 1]
+    assert torch.equal(on_rank_0.keep, keep) and torch.equal(on_rank_0.weights, routing.weights)
+    assert torch.equal(on_rank_0.choices_per_expert, kept)  # the router's statistics stay logical
