@@ -478,7 +478,7 @@ def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-@torch.compiler.disable
+@torch._disable_dynamo  # NOTE: imports dynamo on first call only; torch.compiler.disable would at import
 def _run_outside_graph(function, *args):
     """function(*args), eagerly between graphs under torch.compile (one graph break)."""
     return function(*args)
