@@ -8,6 +8,10 @@
     ... -m benchmarks.bench --experts 8,16,32,64 --capacity none   # fixed top-k and H: fixed active
     ... -m benchmarks.bench --skew uniform,zipf,one --capacity none,1.25
     torchrun --standalone --nproc-per-node 1 -m benchmarks.bench --impls layer,floor,breakdown --capacity none
+    # execution choices, each a layer timed round-robin with the others in one run:
+    ... -m benchmarks.bench --dispatch per_assignment,once_per_rank   # or --chunks 1,2,4 (one list at a time)
+    ... -m benchmarks.bench --impls layer,floor --compile             # the layer eager and torch.compile'd
+    ... -m benchmarks.bench --impls layer,floor --malloc default,tuned  # the allocator toggled round by round
 
 Every case (a token count, an expert count, a skew) builds its implementations
 on the same tokens and runs them round-robin, so that a shared host's drifting
@@ -18,7 +22,7 @@ backward per round (all-gathered), median over rounds. Implementations (--impls)
   (out * upstream).sum() + aux_loss.
 - floor: on each rank, one dense FFN relu(x @ w1 + b1) @ w2 + b2 over the S rows
   that rank's experts computed in the layer's forward: the GEMMs the layer cannot avoid.
-- breakdown: the layer's own parts (routing, its dispatcher's count exchange,
+- breakdown: (of each --dispatch mode) the layer's own parts (routing, its dispatcher's count exchange,
   dispatch and combine, its experts) called one by one, phase by phase (see
   instrumented_step and bench_tools.PhaseTape); no phase is charged for
   waiting on a slower peer, so a rank's sum of phases is its own work.
@@ -26,6 +30,20 @@ backward per round (all-gathered), median over rounds. Implementations (--impls)
   breakdown; skipped with a note where fairscale is not installed, or where
   its [T, E, C] tensors would not fit in memory.
 - loop: the seed's SimpleMoE, a boolean-mask pass per expert, all E experts on every rank.
+Variants of the layer, each timed round-robin with the rest: one layer per
+--dispatch mode or per --chunks count (the first is the layer of record,
+which the floor and breakdown follow), and with --compile the layer of
+record under torch.compile ("layer <setting> compiled", compiled in an
+untimed step first). Each variant's "x its floor" is the median over rounds
+of its ratio to the floor in the same round, with the range.
+Allocator (--malloc): "tuned" keeps freed memory (allocator.keep_freed_memory),
+"default" leaves glibc alone. With "default,tuned" every round runs every
+step under both, switched by mallopt in alternating order, each step once
+untimed after a switch; "default" is then glibc's initial values
+(M_MMAP_MAX 65536, mmap and trim thresholds 128 KiB) held fixed: once
+set, glibc no longer raises the thresholds after large frees, as its
+untouched default does (up to 32 MiB). The memory pass fixes them the same
+way, so under "default" alone only the first case runs untouched glibc.
 Memory: after timing, each implementation's step runs once more while a
 thread samples RSS, with glibc told to return freed memory (so RSS follows
 the live tensors): the step's peak above the RSS before it, per rank.
@@ -67,8 +85,11 @@ from benchmarks.bench_tools import (
     timed_step,
 )
 from expert_parallel.allocator import keep_freed_memory, return_freed_memory, trim
+from expert_parallel.config import DISPATCH_MODES
 
 PHASES = bench_peers.PHASES
+COMPILE_BACKENDS = ("inductor", "aot_eager")
+MALLOC_MODES = ("default", "tuned")
 IMPLS = ("layer", "floor", "breakdown", "fairscale", "loop")
 QUICK = {"tokens": [256], "d_model": 64, "d_hidden": 128, "steps": 2, "warmup": 1}
 # bf16 GEMMs run about 13x slower than fp32 on an AVX2-only CPU (benchmarks.bench_gemm): smaller defaults.
@@ -95,7 +116,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--d-model", type=int, help="default 512")
     parser.add_argument("--d-hidden", type=int, help="default 2048")
     parser.add_argument("--experts", type=ints, default=[8], help="E; a comma list sweeps")
-    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--top-k", type=ints, default=[2], help="K; a comma list sweeps")
     parser.add_argument(
         "--fine-grained",
         action="store_true",
@@ -133,16 +154,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument(
         "--dispatch",
-        choices=("per_assignment", "once_per_rank"),
         default="per_assignment",
-        help="MoEConfig.dispatch of the layer (the breakdown follows per_assignment only)",
+        help=f"comma list of ExecutionConfig.dispatch modes {DISPATCH_MODES}, each a layer of its own; "
+        "the floor and breakdown follow the first",
     )
     parser.add_argument(
         "--chunks",
         type=ints,
         default=[1],
         help="comma list of ExecutionConfig.exchange_chunks, each a layer of its own (1: no overlap); "
-        "the floor and breakdown follow the first",
+        "the floor and breakdown follow the first; only one of --dispatch and --chunks may list several",
+    )
+    parser.add_argument(
+        "--compile",
+        nargs="?",
+        const="inductor",
+        choices=COMPILE_BACKENDS,
+        help="also the layer of record under torch.compile with this backend (default inductor)",
     )
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads per rank (torchrun sets 1 only for 2+ ranks)"
@@ -151,11 +179,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="write the results here (rank 0)")
     parser.add_argument("--quick", action="store_true", help=f"a smoke run: {QUICK}")
     parser.add_argument(
-        "--malloc-default",
-        action="store_true",
-        help="leave glibc malloc as it is while timing (by default freed memory is kept for reuse; "
-        "see expert_parallel.allocator.keep_freed_memory)",
+        "--malloc",
+        default="tuned",
+        help=f"comma list of {MALLOC_MODES}: tuned keeps freed memory for reuse "
+        "(expert_parallel.allocator.keep_freed_memory), default leaves glibc as it is; "
+        "default,tuned alternates them round by round (see above)",
     )
+    parser.add_argument("--malloc-default", action="store_true", help="the same as --malloc default")
     args = parser.parse_args(argv)
     if args.quick:
         vars(args).update(QUICK)
@@ -173,6 +203,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for name in args.skew:
         if name not in SKEWS:
             parser.error(f"--skew: unknown {name!r}, expected some of {SKEWS}")
+    args.dispatch = [name.strip() for name in args.dispatch.split(",")]
+    for name in args.dispatch:
+        if name not in DISPATCH_MODES:
+            parser.error(f"--dispatch: unknown {name!r}, expected some of {DISPATCH_MODES}")
+    if len(args.dispatch) > 1 and len(args.chunks) > 1:
+        parser.error("--dispatch and --chunks: only one of them may list several values")
+    if "once_per_rank" in args.dispatch and max(args.chunks) > 1:
+        parser.error("--chunks > 1 needs --dispatch per_assignment (once_per_rank rows are not chunked)")
+    args.malloc = ["default"] if args.malloc_default else [m.strip() for m in args.malloc.split(",")]
+    for name in args.malloc:
+        if name not in MALLOC_MODES:
+            parser.error(f"--malloc: unknown {name!r}, expected some of {MALLOC_MODES}")
+    if len(set(args.malloc)) != len(args.malloc):
+        parser.error(f"--malloc: {','.join(args.malloc)} names a mode twice")
     return args
 
 
@@ -203,38 +247,74 @@ def gather(values: list[float]) -> list[list[float]]:
     return [row.tolist() for row in gathered]
 
 
-def measure(steps: dict, warmup: int, repeats: int) -> dict[str, list[dict[str, list[float]]]]:
-    """Per step, its `repeats` timed rounds: {key: [seconds per rank]} for each key of its dict,
-    "total" (their sum) and "cpu".
+def malloc_key(name: str, mode: str | None) -> str:
+    """A step's result key under an alternated allocator mode (None: not alternated)."""
+    return name if mode is None else f"{name} malloc {mode}"
+
+
+def set_allocator(mode: str) -> None:
+    """tuned: keep freed memory; default: glibc's initial values, fixed (see the module docstring)."""
+    if mode == "tuned":
+        keep_freed_memory()
+    else:
+        return_freed_memory()
+
+
+def measure(
+    steps: dict, warmup: int, repeats: int, malloc: list[str] | None = None
+) -> dict[str, list[dict[str, list[float]]]]:
+    """Per step, its `repeats` timed rounds: {key: [value per rank]} for each key of its dict,
+    "total" (their sum), "cpu", "sys" and "minor_faults".
 
     Each step returns this rank's wall seconds per part ("exchange..." parts
     repeat time inside other parts, so they stay out of "total"). "cpu" is the CPU
     seconds the rank's process (all its threads, gloo's included) spent in
     the step: on a shared host, time spent waiting for a core is not in it,
-    so its ratios hold where wall-clock ones scatter.
+    so its ratios hold where wall-clock ones scatter. "sys": the part of it
+    in the kernel; "minor_faults": the process's minor page faults in the
+    step (fresh pages touched).
     The steps run round-robin, so that drift in a shared host's speed reaches
     them alike; an untimed barrier lines the ranks up before each call.
+    With `malloc` (several modes), each round runs every step under every
+    mode, keyed malloc_key(step, mode), the modes in turn first; after each
+    switch every step runs once untimed, so that a tuned heap has grown back.
     """
-    samples = {name: [] for name in steps}
+    modes = malloc or [None]
+    samples = {malloc_key(name, mode): [] for mode in modes for name in steps}
     for index in range(warmup + repeats):
-        for name, step in steps.items():
-            dist.barrier()
-            cpu = time.process_time()
-            seconds = step()
-            cpu = time.process_time() - cpu
-            # "exchange ..." keys repeat seconds already in other keys (see PhaseTape's `also`).
-            seconds["total"] = sum(v for k, v in seconds.items() if not k.startswith("exchange"))
-            seconds["cpu"] = cpu
-            per_rank = gather(list(seconds.values()))
-            samples[name].append({key: [row[i] for row in per_rank] for i, key in enumerate(seconds)})
-        done = ", ".join(f"{name} {max(samples[name][-1]['total']) * 1e3:.0f}" for name in steps)
-        say(f"  round {index + 1}/{warmup + repeats}{' (warmup)' if index < warmup else ''} ms: {done}")
+        done = []
+        for mode in modes[index % len(modes) :] + modes[: index % len(modes)]:
+            if mode is not None:
+                set_allocator(mode)
+                for step in steps.values():
+                    dist.barrier()
+                    step()
+            for name, step in steps.items():
+                key = malloc_key(name, mode)
+                dist.barrier()
+                cpu, before = time.process_time(), resource.getrusage(resource.RUSAGE_SELF)
+                seconds = step()
+                cpu, after = time.process_time() - cpu, resource.getrusage(resource.RUSAGE_SELF)
+                # "exchange ..." keys repeat seconds already in other keys (see PhaseTape's `also`).
+                seconds["total"] = sum(v for k, v in seconds.items() if not k.startswith("exchange"))
+                seconds["cpu"] = cpu
+                seconds["sys"] = after.ru_stime - before.ru_stime
+                seconds["minor_faults"] = after.ru_minflt - before.ru_minflt
+                per_rank = gather(list(seconds.values()))
+                samples[key].append({k: [row[i] for row in per_rank] for i, k in enumerate(seconds)})
+                done.append(f"{key} {max(samples[key][-1]['total']) * 1e3:.0f}")
+        which = f"{index + 1}/{warmup + repeats}{' (warmup)' if index < warmup else ''}"
+        say(f"  round {which} ms: {', '.join(done)}")
     return {name: rows[warmup:] for name, rows in samples.items()}
 
 
 def medians_ms(rows: list[dict[str, list[float]]]) -> dict[str, float]:
     """Median over rounds of the slowest rank's seconds, per key, in ms."""
-    return {key: statistics.median(max(row[key]) for row in rows) * 1e3 for key in rows[0]}
+    return {
+        key: statistics.median(max(row[key]) for row in rows) * 1e3
+        for key in rows[0]
+        if key != "minor_faults"
+    }
 
 
 def rank_medians_ms(rows: list[dict[str, list[float]]], key: str = "total") -> list[float]:
@@ -264,17 +344,20 @@ def layer_step(
     upstream_TO: torch.Tensor,
     bf16: bool = False,
     last: dict | None = None,
+    call=None,
 ):
     """Forward (under bf16 autocast with `bf16`) and backward of the layer; grads dropped after.
 
     Also "exchange": the seconds the layer's own clock saw in its collectives,
     forward and backward; with an overlapped exchange (exchange_chunks > 1)
     only the part left waiting. `last["stats"]`: the last forward's RoutingStats.
+    `call`: what runs the forward instead of the layer itself (its torch.compile'd module).
     """
+    call = layer if call is None else call
 
     def forward() -> torch.Tensor:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            out = layer(x_TD)
+            out = call(x_TD)
         if last is not None:
             last["stats"] = out.stats
         return (out.out * upstream_TO).sum() + out.aux_loss
@@ -406,11 +489,35 @@ def shapes(args: argparse.Namespace) -> list[tuple[int, int, int, int]]:
     cases = []
     for tokens in args.tokens:
         for experts in args.experts:
-            hidden, top_k = args.d_hidden, args.top_k
-            if args.fine_grained:
-                hidden, top_k = args.d_hidden * first // experts, args.top_k * experts // first
-            cases.append((tokens, experts, hidden, top_k))
+            for top_k in args.top_k:
+                hidden = args.d_hidden
+                if args.fine_grained:
+                    hidden, top_k = args.d_hidden * first // experts, top_k * experts // first
+                cases.append((tokens, experts, hidden, top_k))
     return cases
+
+
+def layer_variants(args: argparse.Namespace) -> list[tuple[str, ep.ExecutionConfig]]:
+    """(result-key suffix, execution) of each layer per setting: one per --dispatch mode or per
+    --chunks count; the first, suffix "", is the layer of record."""
+    if len(args.dispatch) > 1:
+        pairs = [(f" {mode}", dict(dispatch=mode, exchange_chunks=args.chunks[0])) for mode in args.dispatch]
+    else:
+        pairs = [(f" chunks {n}", dict(dispatch=args.dispatch[0], exchange_chunks=n)) for n in args.chunks]
+    return [
+        ("" if index == 0 else suffix, ep.ExecutionConfig(**choice, gemm=args.gemm))
+        for index, (suffix, choice) in enumerate(pairs)
+    ]
+
+
+def compile_untimed(step, key: str) -> float:
+    """Run a compiled layer's first step (forward and backward compile there): the slowest rank's seconds."""
+    dist.barrier()
+    start = time.perf_counter()
+    step()
+    seconds = max(row[0] for row in gather([time.perf_counter() - start]))
+    say(f"  {key}: first step (compiling) {seconds:.1f} s")
+    return seconds
 
 
 def run_case(args: argparse.Namespace, tokens: int, experts: int, hidden: int, top_k: int, skew: str) -> dict:
@@ -421,29 +528,38 @@ def run_case(args: argparse.Namespace, tokens: int, experts: int, hidden: int, t
     x_TD = torch.randn(tokens, args.d_model, generator=generator).requires_grad_()
     upstream_TO = torch.randn(tokens, args.d_model, generator=generator)
     forced_TK = forced_expert_ids(skew, tokens, experts, top_k, generator)
-    steps, settings, notes, params = {}, {}, [], {}
+    steps, settings, notes, params, compile_seconds = {}, {}, [], {}, {}
     for factor in args.capacity:
         name = setting_name(factor)
         config = ep.MoEConfig(**shape, capacity_factor=factor, activation="relu", bias=True)
-        layers = {}  # exchange_chunks -> its layer, the first (args.chunks[0]) the layer of record
-        for chunks in args.chunks:
+        layers = {}  # result-key suffix -> its layer, the first (suffix "") the layer of record
+        for suffix, execution in layer_variants(args):
             torch.manual_seed(0)
-            execution = ep.ExecutionConfig(dispatch=args.dispatch, exchange_chunks=chunks, gemm=args.gemm)
-            layers[chunks] = ep.MoELayer(config, group=dist.group.WORLD, execution=execution)
-            layers[chunks].forced_expert_ids = forced_TK
-        layer, last = layers[args.chunks[0]], {}
+            layers[suffix] = ep.MoELayer(config, group=dist.group.WORLD, execution=execution)
+            layers[suffix].forced_expert_ids = forced_TK
+        layer, last = layers[""], {}
         layer_step(layer, x_TD, upstream_TO, last=last)()  # untimed: S comes from this forward's routing
         rows_here = rows_computed_here(layer, last["stats"])
-        settings[name] = {"layer": layer, "stats": last["stats"], "rows_here": rows_here}
+        settings[name] = {"layer": layer, "stats": last["stats"], "rows_here": rows_here, "variants": []}
         if "layer" in args.impls:
-            for chunks, chunked in layers.items():
-                key = f"layer {name}" + (f" chunks {chunks}" if chunked is not layer else "")
-                params[key] = parameter_mib(chunked)
-                steps[key] = layer_step(chunked, x_TD, upstream_TO)
+            for suffix, variant in layers.items():
+                params[f"layer {name}{suffix}"] = parameter_mib(variant)
+                steps[f"layer {name}{suffix}"] = layer_step(variant, x_TD, upstream_TO)
+                settings[name]["variants"].append(suffix)
+            if args.compile:
+                # The same module as the layer of record (the same weights), traced by dynamo.
+                key = f"layer {name} compiled"
+                compiled = torch.compile(layer, backend=args.compile)
+                steps[key] = layer_step(layer, x_TD, upstream_TO, call=compiled)
+                params[key] = parameter_mib(layer)
+                compile_seconds[key] = compile_untimed(steps[key], key)
+                settings[name]["variants"].append(" compiled")
         if "floor" in args.impls:
             steps[f"floor {name}"] = floor_step(rows_here, config, generator)
         if "breakdown" in args.impls:
-            steps[f"breakdown {name}"] = instrumented_step(layer, x_TD, upstream_TO)
+            # Every dispatch mode's breakdown (where modes vary); otherwise the layer of record's.
+            for suffix, variant in layers.items() if len(args.dispatch) > 1 else [("", layer)]:
+                steps[f"breakdown {name}{suffix}"] = instrumented_step(variant, x_TD, upstream_TO)
         if args.dtype == "bf16":
             settings[name]["bf16_vs_fp32"] = bf16_difference(layer, x_TD, upstream_TO)
             steps[f"layer {name} bf16"] = layer_step(layer, x_TD, upstream_TO, bf16=True)
@@ -483,29 +599,35 @@ def run_case(args: argparse.Namespace, tokens: int, experts: int, hidden: int, t
     for note in notes:
         say(f"  note: {note}")
 
-    samples = measure(steps, args.warmup, args.steps)
+    alternate = args.malloc if len(args.malloc) > 1 else None
+    samples = measure(steps, args.warmup, args.steps, malloc=alternate)
     memory = (
         {}
         if args.no_memory
         else memory_pass(
             {name: step for name, step in steps.items() if not name.startswith("breakdown")},
-            keep_after=not args.malloc_default,
+            keep_after=args.malloc == ["tuned"],
         )
     )
     results = {}
-    for name, rows in samples.items():
-        results[name] = {
-            "ms": medians_ms(rows),
-            "rank_ms": rank_medians_ms(rows),
-            "per_round_ms": [max(row["total"]) * 1e3 for row in rows],
-            "per_round_cpu_ms": [max(row["cpu"]) * 1e3 for row in rows],
-            "step_peak_mib": memory.get(name),
-            "params_mib": params.get(name),
-        }
+    for mode in alternate or [None]:
+        for name in steps:
+            rows = samples[malloc_key(name, mode)]
+            results[malloc_key(name, mode)] = {
+                "ms": medians_ms(rows),
+                "rank_ms": rank_medians_ms(rows),
+                "per_round_ms": [max(row["total"]) * 1e3 for row in rows],
+                "per_round_cpu_ms": [max(row["cpu"]) * 1e3 for row in rows],
+                "minor_faults": statistics.median(max(row["minor_faults"]) for row in rows),
+                "step_peak_mib": memory.get(name),
+                "params_mib": params.get(name),
+            }
     layers = {}
     for name, setting in settings.items():
         layers[name] = setting_outcome(args, name, setting, results, tokens, top_k)
     return {
+        "variants": variant_ratios(settings, results, alternate),
+        "compile_seconds": compile_seconds,
         "case": {"tokens": tokens, "experts": experts, "d_hidden": hidden, "top_k": top_k, "skew": skew},
         "ranks": size,
         "notes": notes,
@@ -514,6 +636,59 @@ def run_case(args: argparse.Namespace, tokens: int, experts: int, hidden: int, t
         "refusal": refusal,
         "ru_maxrss_mib": [row[0] for row in gather([rusage_maxrss_mib()])],
     }
+
+
+def paired(results: dict, key: str, over: str, cpu: bool = False) -> dict | None:
+    """results[key] / results[over] round by round: median, min, max and every round's ratio."""
+    if key not in results or over not in results:
+        return None
+    field = "per_round_cpu_ms" if cpu else "per_round_ms"
+    ratios = [a / b for a, b in zip(results[key][field], results[over][field])]
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "per_round": ratios}
+
+
+def variant_ratios(settings: dict, results: dict, malloc: list[str] | None) -> dict[str, dict]:
+    """Per layer variant and floor (and allocator mode): its ms, exchange ms and minor faults, its
+    ratio to the floor of its setting in the same round (and mode), wall and CPU, and its ratio
+    to the layer of record (a floor: to the floor) under the first mode."""
+    modes = malloc or [None]
+    table = {}
+    for name, setting in settings.items():
+        for mode in modes:
+            floor = malloc_key(f"floor {name}", mode)
+            for suffix in setting["variants"]:
+                key = malloc_key(f"layer {name}{suffix}", mode)
+                if key not in results:
+                    continue
+                result = results[key]
+                table[key] = {
+                    "setting": name,
+                    "variant": suffix.strip() or "record",
+                    "malloc": mode,
+                    "ms": result["ms"]["total"],
+                    "exchange_ms": result["ms"].get("exchange"),
+                    "sys_ms": result["ms"]["sys"],
+                    "minor_faults": result["minor_faults"],
+                    "x floor": paired(results, key, floor),
+                    "x floor (cpu)": paired(results, key, floor, cpu=True),
+                    "x record": paired(results, key, malloc_key(f"layer {name}", modes[0])),
+                    "x record (cpu)": paired(results, key, malloc_key(f"layer {name}", modes[0]), cpu=True),
+                }
+            if floor in results:
+                table[floor] = {
+                    "setting": name,
+                    "variant": "floor",
+                    "malloc": mode,
+                    "ms": results[floor]["ms"]["total"],
+                    "exchange_ms": None,
+                    "sys_ms": results[floor]["ms"]["sys"],
+                    "minor_faults": results[floor]["minor_faults"],
+                    "x floor": None,
+                    "x floor (cpu)": None,
+                    "x record": paired(results, floor, malloc_key(f"floor {name}", modes[0])),
+                    "x record (cpu)": paired(results, floor, malloc_key(f"floor {name}", modes[0]), cpu=True),
+                }
+    return table
 
 
 def rusage_maxrss_mib() -> float:
@@ -643,8 +818,9 @@ def print_case(args: argparse.Namespace, case: dict) -> None:
         f"\nside by side (ms: slowest rank per step, median of {args.steps} rounds; "
         "memory per rank, max over ranks):"
     )
+    width = max(len(name) for name in impls) if impls else 22
     say(
-        f"{'':<22} {'fwd':>8} {'bwd':>8} {'total':>8} {'cpu':>8} {'x dropless':>10} "
+        f"{'':<{width}} {'fwd':>8} {'bwd':>8} {'total':>8} {'cpu':>8} {'x dropless':>10} "
         f"{'params MiB':>10} {'step peak MiB':>13} {'sum MiB':>8}"
     )
     base = impls.get("layer dropless")
@@ -657,7 +833,7 @@ def print_case(args: argparse.Namespace, case: dict) -> None:
         par_text = f"{par:10.1f}" if par is not None else f"{'':>10}"
         both = f"{max(peak) + par:8.0f}" if peak and par is not None else f"{'':>8}"
         say(
-            f"{name:<22} {ms['fwd']:8.1f} {ms['bwd']:8.1f} {ms['total']:8.1f} {ms['cpu']:8.1f} "
+            f"{name:<{width}} {ms['fwd']:8.1f} {ms['bwd']:8.1f} {ms['total']:8.1f} {ms['cpu']:8.1f} "
             f"{relative} {par_text} {peak_text} {both}"
         )
     for name, outcome in case["layers"].items():
@@ -679,6 +855,14 @@ def print_case(args: argparse.Namespace, case: dict) -> None:
             )
     if len(args.chunks) > 1:
         print_overlap(args, case)
+    if len(args.dispatch) > 1 or args.compile or len(args.malloc) > 1:
+        print_variants(args, case)
+    for name in case["layers"]:
+        for mode in args.dispatch[1:]:
+            breakdown, layer = impls.get(f"breakdown {name} {mode}"), impls.get(f"layer {name} {mode}")
+            if breakdown and layer:
+                say(f"breakdown ({name} {mode}, instrumented pass):")
+                print_phases(breakdown["ms"], layer["ms"]["total"])
     if "fairscale" in impls and impls["fairscale"]["step_peak_mib"]:
         fair = impls["fairscale"]
         fair_mib = max(fair["step_peak_mib"]) + fair["params_mib"]
@@ -720,6 +904,32 @@ def print_overlap(args: argparse.Namespace, case: dict) -> None:
                 f"{name + f' chunks {chunks}':<30} {ms['total']:8.1f} {ms['exchange']:9.1f} "
                 f"{ms['total'] - ms['exchange']:8.1f} {ms['total'] / first['ms']['total']:8.3f} {paired:8.3f}"
             )
+
+
+def print_variants(args: argparse.Namespace, case: dict) -> None:
+    """The variants' table: ms, exchange ms, faults, x its floor and x the layer of record, with ranges."""
+
+    def ratio(r: dict | None) -> str:
+        return f"{r['median']:.3f} [{r['min']:.2f}-{r['max']:.2f}]" if r else ""
+
+    say(
+        f"\nvariants (ms: slowest rank, median of {args.steps} rounds; ratios: median of the "
+        "per-round ratios [min-max]; sys: kernel CPU ms, faults: minor page faults per step, slowest rank):"
+    )
+    width = max(len(key) for key in case["variants"]) if case["variants"] else 0
+    say(
+        f"{'':<{width}} {'total':>8} {'exchange':>9} {'sys':>7} {'faults':>8} {'x its floor':>19} "
+        f"{'cpu x floor':>19} {'x record':>19} {'cpu x record':>19}"
+    )
+    for key, row in case["variants"].items():
+        exchange = f"{row['exchange_ms']:9.1f}" if row["exchange_ms"] is not None else f"{'':>9}"
+        say(
+            f"{key:<{width}} {row['ms']:8.1f} {exchange} {row['sys_ms']:7.1f} {row['minor_faults']:8.0f} "
+            f"{ratio(row['x floor']):>19} {ratio(row['x floor (cpu)']):>19} {ratio(row['x record']):>19} "
+            f"{ratio(row['x record (cpu)']):>19}"
+        )
+    for key, seconds in case["compile_seconds"].items():
+        say(f"{key}: first step {seconds:.1f} s (compilation, untimed)")
 
 
 def print_phases(phases: dict[str, float], total_ms: float) -> None:
@@ -795,7 +1005,15 @@ def print_setting(name: str, outcome: dict, impls: dict) -> None:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    allocator = "glibc malloc defaults" if args.malloc_default else keep_freed_memory()
+    if args.malloc == ["tuned"]:
+        allocator = keep_freed_memory()
+    elif args.malloc == ["default"]:
+        allocator = "glibc malloc as it is (dynamic thresholds until the first memory pass)"
+    else:
+        allocator = (
+            f"alternated each round: {', '.join(args.malloc)} (default = glibc's initial values, "
+            "fixed: M_MMAP_MAX 65536, M_MMAP_THRESHOLD and M_TRIM_THRESHOLD 128 KiB)"
+        )
     # gloo even where CUDA is present: this benchmark measures CPU ranks.
     ep.init_distributed(backend="gloo")
     torch.set_num_threads(args.threads)
@@ -811,7 +1029,8 @@ def main(argv: list[str]) -> int:
         say(
             f"D {args.d_model}, relu experts with biases, fp32"
             f"{' and bf16 autocast' if args.dtype == 'bf16' else ''}, gemm {args.gemm}; "
-            f"impls {','.join(args.impls)}; dispatch {args.dispatch}; "
+            f"impls {','.join(args.impls)}; dispatch {','.join(args.dispatch)}; "
+            f"chunks {','.join(map(str, args.chunks))}; compile {args.compile or 'no'}; "
             f"capacity {','.join(setting_name(f) for f in args.capacity)}; "
             f"{args.warmup} warmup + {args.steps} timed rounds"
         )

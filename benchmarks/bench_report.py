@@ -3,7 +3,8 @@
     python -m benchmarks.bench_report runs/bench/*.json [--plots docs]
 
 Prints, for the cases found: the side-by-side table, the token and expert
-sweeps, the skew table and weak scaling (files of the same shape at
+sweeps, the skew table, the layer variants (dispatch modes, chunk counts,
+compiled, allocator modes: each against its floor round by round) and weak scaling (files of the same shape at
 different rank counts: efficiency = t(1 rank) / t(P ranks) at fixed tokens
 per rank). With --plots and matplotlib installed (the `plot` extra), also
 writes bench_tokens.png (time per step vs tokens, per implementation) and
@@ -109,6 +110,37 @@ def exchange_lines(case: dict) -> list[str]:
                 f"| {ex.get('plain_same_splits_gb_per_s', float('nan')):.2f} "
                 f"| {ex.get('efficiency_same_splits', float('nan')):.2f} |"
             )
+    return lines
+
+
+def variants_table(case: dict) -> list[str]:
+    """One row per layer variant and floor (and allocator mode) of bench's "variants": ratios as
+    the median of the per-round ratios [min-max]."""
+    rows = case.get("variants") or {}
+    if not any(row["variant"] not in ("record", "floor") or row["malloc"] for row in rows.values()):
+        return []
+
+    def ratio(r: dict | None) -> str:
+        return f"{r['median']:.2f} [{r['min']:.2f}–{r['max']:.2f}]" if r else ""
+
+    lines = [
+        f"{shape_of(case)}, {case['ranks']} rank(s), skew {case['case']['skew']}:",
+        "",
+        "| setting | variant | malloc | ms | exchange ms | sys ms | minor faults | × its floor | CPU × floor "
+        "| × layer of record | CPU × layer of record |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows.values():
+        exchange = f"{row['exchange_ms']:.0f}" if row["exchange_ms"] is not None else ""
+        sys_ms = f"{row['sys_ms']:.0f}" if "sys_ms" in row else ""
+        lines.append(
+            f"| {row['setting']} | {row['variant']} | {row['malloc'] or ''} | {row['ms']:.0f} | {exchange} "
+            f"| {sys_ms} | {row['minor_faults']:.0f} | {ratio(row['x floor'])} "
+            f"| {ratio(row['x floor (cpu)'])} | {ratio(row['x record'])} "
+            f"| {ratio(row.get('x record (cpu)'))} |"
+        )
+    for key, seconds in case.get("compile_seconds", {}).items():
+        lines.append(f"\n{key}: first step {seconds:.0f} s (compilation, untimed)")
     return lines
 
 
@@ -296,6 +328,10 @@ def main(argv: list[str]) -> int:
             print("\n".join(skew_table(cases)), "\n")
         else:
             print("\n".join(sweep_table(cases)), "\n")
+        for case in cases:
+            variants = variants_table(case)
+            if variants:
+                print("\n".join(variants), "\n")
         exchange = [line for case in cases for line in exchange_lines(case)]
         if exchange:
             print(

@@ -154,8 +154,9 @@ def test_dispatch_compile_and_malloc_variants_smoke_run(tmp_path):
     text = bench(*args).stdout
     assert "variants (ms: slowest rank" in text and "layer capacity 1.25 compiled: first step" in text
     table = json.loads(out.read_text())["cases"][0]["variants"]
-    kinds = ("layer", "layer once_per_rank", "layer compiled", "floor")
-    want = [f"{kind} capacity 1.25 malloc {mode}" for mode in ("default", "tuned") for kind in kinds]
+    kinds = ("layer capacity 1.25", "layer capacity 1.25 once_per_rank", "layer capacity 1.25 compiled")
+    kinds += ("floor capacity 1.25",)
+    want = [f"{kind} malloc {mode}" for mode in ("default", "tuned") for kind in kinds]
     assert list(table) == want
     assert all(row["x floor"]["median"] > 0 for key, row in table.items() if key.startswith("layer"))
     assert table["layer capacity 1.25 malloc default"]["x record"]["per_round"] == [1.0]
