@@ -23,14 +23,16 @@ def keep_freed_memory() -> str:
     """Ask glibc malloc to keep freed memory for reuse instead of returning it to the OS.
 
     NOTE: by default glibc serves blocks over 128 KiB-32 MiB with mmap and
-    trims the heap after frees, so every step maps fresh pages and pays a
-    page fault per 4 KiB on first touch (about 65-100K faults, 200-500 ms of
-    system time per step here). That cost lands in whichever op first touches
-    the memory, at random, and is the allocator's, not the layer's. Measured
-    on 2 gloo ranks: the layer at 1.24-1.27 x its dense floor with glibc's
-    defaults, 0.97-1.02 with this (BENCHMARKS.md "Allocator"). The trainer
+    trims the heap after frees, so a step can map fresh pages and pay a page
+    fault per 4 KiB on first touch, a cost that lands in whichever op first
+    touches the memory. How much that costs depends on the machine: on one
+    of this project's machines (2 gloo ranks) the layer ran at 1.24-1.27 x
+    its dense floor with glibc's defaults and 0.97-1.02 with this; on an
+    AVX2 EPYC the two were equal within the noise, because the floor pays the
+    faults too (BENCHMARKS.md "Allocator"). The trainer
     calls it unless train.keep_freed_memory = false; the benchmarks too.
-    Returns what it did, for the log.
+    Any such mallopt also ends glibc's dynamic threshold adjustment for the
+    process. Returns what it did, for the log.
     """
     libc = _libc()
     if libc is None:
