@@ -259,7 +259,7 @@ def _grouped_mm_is_faster(device: torch.device, dtype: torch.dtype) -> bool:
 
     NOTE: on CPU, torch's grouped_mm is its fallback, a loop of mm over the
     groups, i.e. the same kernels as ours, while ours also fuses the bias
-    (addmm). Measured with `python -m launch.bench_gemm` on one thread of an
+    (addmm). Measured with `python -m benchmarks.bench_gemm` on one thread of an
     AMD EPYC (AVX2), torch 2.14.1, forward + backward of the experts, median
     grouped_mm / loop over 7 paired rounds: fp32, R 8192 over 4 experts, D 512,
     H 2048: 0.99 (1605 vs 1620 ms; a dense GEMM of the same rows 1572 ms);

@@ -165,9 +165,8 @@ class MoELayer(nn.Module):
         key = self._forward_key()
         decision = self._recomputing(key)
         x_TD, routing, problem = self._route(x, problem, decision)
-        counts = decision.counts if decision is not None else None
         out_TO, rows_away, counts = self._in_graph_or_not(self._count_dispatch_combine, routing)(
-            x, x_TD, routing, problem, counts
+            x, x_TD, routing, problem, decision and decision.counts
         )
         if self.shared_experts is not None:
             out_TO = out_TO + self.shared_experts(x_TD)
