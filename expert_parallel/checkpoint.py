@@ -32,8 +32,10 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.tensor import DTensor, Shard
 
 from .layer import MoELayer
+from .materialize import held_slices
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -57,10 +59,44 @@ def _split(key: str, tensor: Tensor, expert_ids: list[int] | None) -> dict[str, 
     (the first of its replicas on this rank: `_fill_replicas` copies it to the others after a load)."""
     if expert_ids is None or tensor.dim() == 0:
         return {key: tensor}
+    if isinstance(tensor, DTensor):
+        return _split_sharded(key, tensor, expert_ids)
     state: dict[str, Tensor] = {}
     for j, expert in enumerate(expert_ids):
         state.setdefault(f"{key}.{expert}", tensor[j])
     return state
+
+
+def _split_sharded(key: str, tensor_eX: DTensor, expert_ids: list[int]) -> dict[str, Tensor]:
+    """Per-expert entries of an expert tensor FSDP shards over dp (build.apply_fsdp).
+
+    Sharded over experts (dim 0): the whole experts this rank holds, as plain
+    tensors. Sharded over dim d > 0: every expert, each a DTensor whose local
+    part is this rank's slice of it (Shard(d - 1)), so DCP writes and reads
+    only that slice and the keys stay those of an unsharded run.
+    """
+    (shard,) = tensor_eX.placements
+    local_eX = tensor_eX.to_local()
+    if shard.dim == 0:
+        start = _held_start(tensor_eX)
+        return {f"{key}.{expert_ids[start + j]}": local_eX[j] for j in range(local_eX.shape[0])}
+    shape_X = tensor_eX.shape[1:]
+    return {
+        f"{key}.{expert}": DTensor.from_local(
+            local_eX[j],
+            tensor_eX.device_mesh,
+            [Shard(shard.dim - 1)],
+            run_check=False,
+            shape=shape_X,
+            stride=torch.empty(shape_X, device="meta").stride(),
+        )
+        for j, expert in enumerate(expert_ids)
+    }
+
+
+def _held_start(tensor: DTensor) -> int:
+    held = held_slices(tensor)
+    return 0 if held is None else held[1][0].start
 
 
 @torch.no_grad()

@@ -284,7 +284,9 @@ def _all_gather_json(value: object, group: dist.ProcessGroup) -> list:
 
     NOTE: not all_gather_object, which needs numpy and unpickles what peers send.
     """
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
+    # NOTE: an explicit CPU device, since a model may be built under torch.device("meta").
+    nccl = dist.get_backend(group) == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
     payload = torch.tensor(list(json.dumps(value, sort_keys=True).encode()), dtype=torch.uint8, device=device)
     size = dist.get_world_size(group)
     lengths = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(size)]

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import GEMMS, MoEConfig
+from .materialize import holds, write_held
 
 _ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "swiglu": F.silu}
 
@@ -389,19 +390,29 @@ class Experts(nn.Module):
 
     @torch.no_grad()
     def reset_expert(self, local_id: int, generator: torch.Generator) -> None:
-        """nn.Linear's default init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), for one expert."""
+        """nn.Linear's default init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), for one expert.
+
+        Only what this rank holds of it is written (materialize.write_held);
+        an expert it holds none of (sharded by FSDP over dim 0) draws nothing.
+        """
+        if not holds(self.w1, local_id):
+            return
         fan_in = {"w1": self.w1.shape[1], "w3": self.w1.shape[1], "w2": self.w2.shape[1]}
         for name in ("w1", "b1", "w3", "b3", "w2", "b2"):
             param = getattr(self, name)
             if param is not None:
                 bound = 1.0 / math.sqrt(fan_in["w" + name[1]])
-                uniform_(param[local_id], bound, generator)
+                uniform_(param, bound, generator, index=local_id)
 
     def extra_repr(self) -> str:
         return f"{self.num_local_experts} experts, {self.activation}, gemm={self.gemm}"
 
 
-def uniform_(tensor: Tensor, bound: float, generator: torch.Generator) -> None:
-    """Fill from a CPU generator, so the values do not depend on the device or layout."""
-    values = torch.empty(tensor.shape, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
-    tensor.copy_(values)
+def uniform_(tensor: Tensor, bound: float, generator: torch.Generator, index: int | None = None) -> None:
+    """Fill `tensor` (or `tensor[index]`) from a CPU generator, so the values do not depend on the
+    device or layout; of a sharded or meta tensor only what this rank holds (materialize.write_held)."""
+    if tensor.is_meta:
+        return
+    shape = tensor.shape if index is None else tensor.shape[1:]
+    values = torch.empty(shape, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
+    write_held(tensor, values, index)

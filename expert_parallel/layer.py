@@ -100,7 +100,10 @@ class MoELayer(nn.Module):
     Initialisation depends only on the seed drawn from the default generator
     of group rank 0, not on the layout: after torch.manual_seed(s), a layer
     over P ranks holds exactly its slice of the experts a group=None layer
-    would hold, and every rank holds the same router.
+    would hold, and every rank holds the same router. `init_seed` replaces that
+    draw (the model derives one per layer); it is kept as `init_seed`, so that
+    a layer built on the meta device is initialised after `to_empty` by
+    `reset_parameters()`.
     """
 
     def __init__(
@@ -112,6 +115,7 @@ class MoELayer(nn.Module):
         execution: ExecutionConfig | None = None,
         name: str | None = None,
         placement: Placement | None = None,
+        init_seed: int | None = None,
     ):
         super().__init__()
         rank, size = comm.rank_and_size(group)
@@ -131,20 +135,29 @@ class MoELayer(nn.Module):
             self.register_buffer("selection_bias", torch.zeros(config.num_experts))
         else:
             self.selection_bias = None
-        seed = int(torch.randint(0, 2**62, ()))
+        if init_seed is None:  # NOTE: on the CPU generator, also when built under torch.device("meta")
+            init_seed = int(torch.randint(0, 2**62, (), device="cpu"))
         agreed = {**config.to_dict(), "execution": self.execution.to_dict()}
         if placement is not None:  # every rank must hold the same placement
             agreed["placement"] = placement.physical_to_logical.tolist()
-        self.reset_parameters(comm.agree_on_init(agreed, seed, self.group))
+        self.init_seed = comm.agree_on_init(agreed, init_seed, self.group)
+        self.reset_parameters()
         self.forced_expert_ids: Tensor | None = None
         # Training forwards' decisions by key, alive while their autograd graph is (see _forward_key).
         self._decisions: weakref.WeakValueDictionary[int, _Decision] = weakref.WeakValueDictionary()
         self._warned_recompute = False
 
     @torch.no_grad()
-    def reset_parameters(self, seed: int) -> None:
-        """Router from `seed`; logical expert g from `seed + 1 + g` (so replicas start equal);
-        shared experts from `seed + 1 + E`."""
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """Router from `seed` (default: `init_seed`); logical expert g from `seed + 1 + g` (so
+        replicas start equal); shared experts from `seed + 1 + E`.
+
+        On the meta device it writes nothing; on sharded (FSDP) parameters only
+        this rank's part (materialize.write_held).
+        """
+        seed = self.init_seed if seed is None else seed
+        if self.router.weight.is_meta:
+            return
         bound = 1.0 / self.config.d_model**0.5
         generator = torch.Generator().manual_seed(seed)
         uniform_(self.router.weight, bound, generator)

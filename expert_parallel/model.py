@@ -30,6 +30,7 @@ from .config import (
     from_section,
 )
 from .layer import MoELayer, MoEOutput
+from .materialize import derive_seed, write_held
 
 _ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "swiglu": F.silu}
 _INIT_STD = 0.02
@@ -155,16 +156,25 @@ class DenseFFN(nn.Module):
 class Block(nn.Module):
     """x + attn(norm(x)), then x + ffn(norm(x)); ffn is an MoELayer or a DenseFFN.
 
-    forward(x, choices_before_E=None) -> (x, MoEOutput of its MoE layer, or None when dense).
+    forward(x, choices_before_E=None) -> (x, MoEOutput of its MoE layer, or None when dense);
+    the MoEOutput's `out` is detached (x carries its gradient).
     """
 
-    def __init__(self, config: ModelConfig, index: int, execution: ExecutionConfig | None = None):
+    def __init__(
+        self,
+        config: ModelConfig,
+        index: int,
+        execution: ExecutionConfig | None = None,
+        moe_seed: int | None = None,
+    ):
         super().__init__()
         self.attn_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.attn = Attention(config)
         self.ffn_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         if config.is_moe_block(index):
-            self.ffn = MoELayer(config.moe, group=None, execution=execution, name=f"blocks.{index}.ffn")
+            self.ffn = MoELayer(
+                config.moe, group=None, execution=execution, name=f"blocks.{index}.ffn", init_seed=moe_seed
+            )
         else:
             self.ffn = DenseFFN(config)
 
@@ -175,17 +185,24 @@ class Block(nn.Module):
         if not isinstance(self.ffn, MoELayer):
             return x_BSD + self.ffn(self.ffn_norm(x_BSD)), None
         moe = self.ffn(self.ffn_norm(x_BSD), choices_before_E)
-        return x_BSD + moe.out, moe
+        # NOTE: the returned `out` is detached: the residual sum carries its gradient, and an output
+        # view that requires grad would make FSDP2 warn on every forward.
+        return x_BSD + moe.out, moe._replace(out=moe.out.detach())
 
 
 class Transformer(nn.Module):
     """Token and learned position embeddings, n_layers pre-norm blocks, RMSNorm, LM head.
 
-    Initialisation draws only from torch's default generator, in construction
-    order: torch.manual_seed(s) before construction gives identical models.
-    Embeddings and Linears ~ N(0, 0.02), the projections back into the residual
-    stream ~ N(0, 0.02 / sqrt(2 * n_layers)) (GPT-2); MoE layers keep their own
-    layout-independent initialisation.
+    Initialisation: construction draws one seed, `init_seed`, from torch's
+    default CPU generator, so torch.manual_seed(s) before construction gives
+    identical models. Each dense tensor is drawn from its own generator seeded
+    by (init_seed, its name), each MoE layer from a seed derived the same way
+    (its own layout-independent scheme, MoELayer): the values depend on
+    neither construction order, device nor layout. Embeddings and Linears ~
+    N(0, 0.02), the projections back into the residual stream
+    ~ N(0, 0.02 / sqrt(2 * n_layers)) (GPT-2), norms 1. Built under
+    torch.device("meta"), nothing is written until `reset_parameters()`
+    (parallel.build_model: shard, `to_empty`, then reset).
 
     `execution`: how the MoE layers run (ExecutionConfig; the defaults if None).
     `activation_checkpointing` (a plain attribute, off by default): in
@@ -197,11 +214,17 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig, execution: ExecutionConfig | None = None):
         super().__init__()
         self.config = config
-        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
-        self.pos_emb = nn.Embedding(config.seq_len, config.d_model)
-        for embedding in (self.tok_emb, self.pos_emb):
-            nn.init.normal_(embedding.weight, mean=0.0, std=_INIT_STD)
-        self.blocks = nn.ModuleList(Block(config, i, execution) for i in range(config.n_layers))
+        # NOTE: on the CPU generator, also when built under torch.device("meta").
+        self.init_seed = int(torch.randint(0, 2**62, (), device="cpu"))
+        # NOTE: storage handed in, so that nn.Embedding skips its own normal_ init: on the meta
+        # device that first call imports some 280 modules of meta kernels (about 100 MiB).
+        V, S, D = config.vocab_size, config.seq_len, config.d_model
+        self.tok_emb = nn.Embedding(V, D, _weight=torch.empty(V, D))
+        self.pos_emb = nn.Embedding(S, D, _weight=torch.empty(S, D))
+        self.blocks = nn.ModuleList(
+            Block(config, i, execution, derive_seed(self.init_seed, f"blocks.{i}.ffn"))
+            for i in range(config.n_layers)
+        )
         self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         if config.tie_embeddings:
             self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
@@ -209,6 +232,38 @@ class Transformer(nn.Module):
         else:
             self.lm_head = _linear(config.d_model, config.vocab_size, _INIT_STD)
         self.activation_checkpointing = False
+        self._reset_dense()
+
+    def tie_weights(self) -> None:
+        """Make the LM head the token embedding again (with tie_embeddings), after a `to_empty`.
+
+        NOTE: `to_empty` from the meta device makes a new Parameter per module,
+        so a tied weight comes back as two.
+        """
+        if self.config.tie_embeddings and self.lm_head.weight is not self.tok_emb.weight:
+            self.lm_head.weight = self.tok_emb.weight
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Write every parameter's initial values (all of them, this rank's shard, or none on meta)."""
+        self._reset_dense()
+        for _, layer in self.moe_layers():
+            layer.reset_parameters()
+
+    @torch.no_grad()
+    def _reset_dense(self) -> None:
+        moe_prefixes = tuple(f"{name}." for name, _ in self.moe_layers())
+        for name, param in self.named_parameters():  # a tied weight once, under its first name
+            if name.startswith(moe_prefixes) or param.is_meta:
+                continue
+            owner = self.get_submodule(name.rpartition(".")[0])
+            if isinstance(owner, nn.RMSNorm):
+                values = torch.ones(param.shape)
+            else:
+                generator = torch.Generator().manual_seed(derive_seed(self.init_seed, name))
+                std = getattr(owner, "init_std", _INIT_STD)
+                values = torch.empty(param.shape).normal_(0.0, std, generator=generator)
+            write_held(param, values)
 
     def forward(
         self, tokens_BS: Tensor, choices_before: list[Tensor | None] | None = None
@@ -318,7 +373,7 @@ class Transformer(nn.Module):
 
 def _linear(d_in: int, d_out: int, std: float) -> nn.Linear:
     linear = nn.Linear(d_in, d_out, bias=False)
-    nn.init.normal_(linear.weight, mean=0.0, std=std)
+    linear.init_std = std  # Transformer._reset_dense draws N(0, std)
     return linear
 
 

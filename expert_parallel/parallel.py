@@ -61,7 +61,9 @@ def shard_experts(
     local expert from the global expert of the same id, so the sharded model
     computes what the full one did. `stats_group`: the ranks whose load
     statistics the layers sum (global-batch aux loss, selection bias): all
-    ranks that see different tokens, i.e. the world under dp x ep.
+    ranks that see different tokens, i.e. the world under dp x ep. A model on
+    the meta device stays there (build.build_model): the new layer takes the
+    old one's `init_seed`, so `reset_parameters()` later writes its slice.
     """
     names = []
     if ep_group is None and stats_group is None:
@@ -69,8 +71,15 @@ def shard_experts(
     for name, module in list(model.named_modules()):
         if not isinstance(module, MoELayer) or module.group is not None or module.stats_group is not None:
             continue
-        sharded = MoELayer(module.config, ep_group, stats_group, execution=module.execution, name=name)
-        sharded = sharded.to(module.router.weight.device)
+        with torch.device(module.router.weight.device):  # a layer on the meta device stays there
+            sharded = MoELayer(
+                module.config,
+                ep_group,
+                stats_group,
+                execution=module.execution,
+                name=name,
+                init_seed=module.init_seed,
+            )
         sharded.router.load_state_dict(module.router.state_dict())
         if module.shared_experts is not None:
             sharded.shared_experts.load_state_dict(module.shared_experts.state_dict())
@@ -122,3 +131,22 @@ def sum_gradients(model: nn.Module, layout: Layout) -> None:
     comm.sum_tensors(dense, dist.group.WORLD, "dense gradient sum")
     if layout.dp_group is not None:
         comm.sum_tensors(sharded, layout.dp_group, "expert gradient sum over dp")
+
+
+def check_optimizer_tracks(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Raise unless `optimizer` holds exactly the model's current trainable parameters.
+
+    An optimizer built before a module was swapped in (shard_experts, FSDP)
+    holds the old Parameter objects: it would step them while the model trains
+    nothing, silently. NOTE: compared by identity, not by name or shape.
+    """
+    tracked = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    current = {id(p): name for name, p in model.named_parameters() if p.requires_grad}
+    missing = sorted(name for pid, name in current.items() if pid not in tracked)
+    stale = len(tracked - current.keys())
+    if missing or stale:
+        raise ValueError(
+            f"the optimizer does not hold the model's parameters: {len(missing)} missing "
+            f"({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}), {stale} it holds are no "
+            f"longer in the model; build the optimizer after shard_experts and FSDP"
+        )

@@ -23,7 +23,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import sys
 import time
 from collections.abc import Callable
@@ -32,21 +31,31 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch
+import torch._dynamo  # noqa: F401  NOTE: see below
 import torch.distributed as dist
 
 import expert_parallel as ep
-from expert_parallel import checkpoint, data
+from expert_parallel import checkpoint, data, memory
 from expert_parallel.allocator import keep_freed_memory
+from expert_parallel.build import build_model
 from expert_parallel.config import (
     ExecutionConfig,
+    check_bool,
     check_choice,
     check_int,
     check_real,
     from_section,
     load_toml,
 )
+from expert_parallel.memory import local_tensor
 from expert_parallel.model import ModelConfig, Transformer
-from expert_parallel.parallel import Layout, expert_parameters, make_layout, shard_experts, sum_gradients
+from expert_parallel.parallel import (
+    Layout,
+    check_optimizer_tracks,
+    expert_parameters,
+    make_layout,
+    sum_gradients,
+)
 from expert_parallel.placement import balance, contiguous
 from launch import expert_load
 
@@ -73,6 +82,9 @@ class TrainConfig:
     compile_backend: str = "inductor"  # torch.compile's backend ("aot_eager": no code generation)
     # glibc malloc keeps freed memory for reuse instead of mapping fresh pages every step (allocator.py)
     keep_freed_memory: bool = True
+    # The compute dtype: "fp32", or "bf16" (FSDP's param dtype with fp32 reductions; autocast
+    # without FSDP). bf16 pays only on CPUs with native bf16 (AVX512-BF16, AMX) or GPUs.
+    dtype: str = "fp32"
 
     def __post_init__(self) -> None:
         for name in ("steps", "global_batch", "micro_batch", "eval_every", "eval_batches", "log_every"):
@@ -84,6 +96,7 @@ class TrainConfig:
         if self.lr <= 0:
             raise ValueError(f"train.lr must be > 0, got {self.lr!r}")
         check_choice("train", "compile_backend", self.compile_backend, ("inductor", "aot_eager", "eager"))
+        check_choice("train", "dtype", self.dtype, ("fp32", "bf16"))
 
 
 @dataclass(frozen=True)
@@ -93,11 +106,16 @@ class ParallelConfig:
     backend: str | None = None  # None: NCCL where CUDA is available, else gloo
     redundant_experts: int = 0  # R extra physical experts per MoE layer (replicas of the busiest)
     replan_every: int = 0  # re-place the experts every N steps from the measured load; 0: never
+    # FSDP2: dense parameters sharded over the world, experts over the dp ranks that hold them
+    fsdp: bool = False
 
     def __post_init__(self) -> None:
         check_int("parallel", "ep", self.ep, minimum=1)
         check_int("parallel", "redundant_experts", self.redundant_experts, minimum=0)
         check_int("parallel", "replan_every", self.replan_every, minimum=0)
+        check_bool("parallel", "fsdp", self.fsdp)
+        if self.fsdp and self.redundant_experts:
+            raise ValueError("parallel.fsdp = true does not support parallel.redundant_experts yet")
         check_real("parallel", "timeout_s", self.timeout_s)
         if self.timeout_s <= 0:
             raise ValueError(f"parallel.timeout_s must be > 0, got {self.timeout_s!r}")
@@ -150,11 +168,20 @@ def lr_at(step: int, config: TrainConfig) -> float:
 LOAD_EMA_DECAY = 0.9  # weight of the past in the moving average of expert load that re-plans use
 
 
-def global_grad_norm(model: Transformer, layout: Layout) -> torch.Tensor:
+def global_grad_norm(model: Transformer, layout: Layout, fsdp: bool = False) -> torch.Tensor:
     """L2 norm of the whole model's gradient: dense parts are identical on every rank, experts are sharded.
 
     A logical expert with n replicas (identical gradients after sync) counts once: each replica 1 / n.
+    With fsdp, every gradient is a shard held by one rank: the dense ones over the
+    world, the experts over the dp ranks of an ep rank's distinct experts. The
+    squares of all ranks' shards then sum to the whole: one all-reduce over the world.
     """
+    if fsdp:
+        zero = torch.zeros((), dtype=torch.float64, device=next(model.parameters()).device)
+        grads = (local_tensor(p.grad) for p in model.parameters() if p.grad is not None)
+        total_sq = sum((g.double().square().sum() for g in grads), zero)
+        dist.all_reduce(total_sq)
+        return total_sq.sqrt()
     experts = expert_parameters(model) if layout.ep > 1 else set()
     replica_weight = {}
     for _, layer in model.moe_layers():
@@ -200,16 +227,29 @@ class Trainer:
                 f"= {train.micro_batch} * {layout.world}"
             )
         self.micro_batches_per_step = train.global_batch // train.micro_batch
+        # After imports and the process group, before the model. NOTE: torch.optim's first optimizer
+        # imports torch._dynamo (about 100 MiB); this module imports it first, so that the build's
+        # figures count the model, not one of torch's imports.
+        rss_before_build = memory.rss_mib()
+        parallel = config.parallel
+        self.fsdp = parallel.fsdp
+        bf16 = train.dtype == "bf16"
         torch.manual_seed(train.seed)
-        model = Transformer(config.model, config.execution)
-        # Load statistics (global-batch aux loss, selection bias) are summed over every rank.
-        shard_experts(model, layout.ep_group, dist.group.WORLD if layout.world > 1 else None)
-        self.model = model.to(device)
+        # On the meta device, then only this rank's experts (and FSDP shards) get memory.
+        self.model = build_model(
+            config.model,
+            layout,
+            device,
+            execution=config.execution,
+            fsdp=parallel.fsdp,
+            param_dtype=torch.bfloat16 if bf16 and parallel.fsdp else None,
+        )
+        # Without FSDP, bf16 is autocast: fp32 weights and optimizer, bf16 GEMMs.
+        self.autocast_dtype = torch.bfloat16 if bf16 and not parallel.fsdp else None
         self.model.activation_checkpointing = train.activation_checkpointing
         if train.compile:
             for block in self.model.blocks:
                 block.compile(backend=train.compile_backend)
-        parallel = config.parallel
         moe_layers = [layer for _, layer in self.model.moe_layers()]
         self.load_ema = [torch.zeros(layer.config.num_experts, dtype=torch.float64) for layer in moe_layers]
         if parallel.redundant_experts:
@@ -226,6 +266,13 @@ class Trainer:
             lr=train.lr,
             betas=(0.9, 0.95),
         )
+        check_optimizer_tracks(self.model, self.optimizer)
+        # This rank's; run() adds the peak over the run and every rank's worst.
+        self.memory = {
+            "rss_before_build_mib": rss_before_build,
+            "build_peak_rss_mib": memory.peak_rss_mib(),
+            "param_bytes_local": memory.param_bytes_local(self.model),
+        }
         self.train_corpus, self.val_corpus = data.load_corpus(max_bytes=train.max_corpus_bytes)
         self.out_dir = Path(train.out_dir)
         self.step = 0
@@ -233,6 +280,10 @@ class Trainer:
         if found is not None:
             self.step = checkpoint.load(found, self.model, self.optimizer)
             self.say(f"resumed from {found} (step {self.step})")
+
+    def autocast(self):
+        """bf16 autocast where train.dtype = "bf16" without FSDP; else a no-op context."""
+        return torch.autocast(self.device.type, self.autocast_dtype, enabled=self.autocast_dtype is not None)
 
     def say(self, *parts: object) -> None:
         if self.rank == 0:
@@ -269,7 +320,10 @@ class Trainer:
         choices_E: list[torch.Tensor | None] = [None] * len(moe_layers)
         for micro, tokens in enumerate(mine):
             self.prepare_forward(moe_layers, tokens.shape[0] * (tokens.shape[1] - 1), micro)
-            lm_loss, aux_loss, outputs = self.model.loss(tokens.to(self.device), choices_E)
+            if self.fsdp:  # reduce-scatter the gradients once, in the last micro-batch's backward
+                self.model.set_requires_gradient_sync(micro == len(mine) - 1)
+            with self.autocast():
+                lm_loss, aux_loss, outputs = self.model.loss(tokens.to(self.device), choices_E)
             ((lm_loss + aux_loss) / self.micro_batches_per_step).backward()
             lm_sum, aux_sum = lm_sum + lm_loss.item(), aux_sum + aux_loss.item()
             for i, (moe, load) in enumerate(zip(outputs, load_E)):
@@ -282,12 +336,14 @@ class Trainer:
                 )
             del outputs
         exchange_s = sum(layer.exchange_clock.reset() for layer in moe_layers)
-        sum_gradients(self.model, layout)
-        grad_norm = global_grad_norm(self.model, layout)
+        if not self.fsdp:  # FSDP has summed them in the backward
+            sum_gradients(self.model, layout)
+        grad_norm = global_grad_norm(self.model, layout, self.fsdp)
         if train.grad_clip > 0:
             scale = torch.clamp(train.grad_clip / (grad_norm + 1e-6), max=1.0)
             for param in self.model.parameters():
-                param.grad.mul_(scale.to(param.grad.dtype))
+                local_tensor(param.grad).mul_(scale.to(param.grad.dtype))
+        check_optimizer_tracks(self.model, self.optimizer)
         lr = lr_at(self.step, train)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -308,8 +364,9 @@ class Trainer:
             per_rank = placement.rank_load(load)
             rank_imbalance.append(float(per_rank.max() / per_rank.mean().clamp_min(1e-9)))
         self.replan(moe_layers, loads)
-        peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-        seconds, peak_rss, exchange_s = self.all_max([time.perf_counter() - started, peak_rss, exchange_s])
+        seconds, peak_rss, exchange_s = self.all_max(
+            [time.perf_counter() - started, memory.peak_rss_mib(), exchange_s]
+        )
         tokens = train.global_batch * self.config.model.seq_len
         return {
             "step": self.step,
@@ -326,7 +383,7 @@ class Trainer:
             "rank_load_max_over_mean": max(rank_imbalance, default=1.0),
             # Per layer, each expert's share of the step's kept assignments (for expert_load.png).
             "expert_share": (loads / loads.sum(dim=1, keepdim=True).clamp_min(1e-9)).tolist(),
-            "peak_rss_mib": peak_rss / 2**20,
+            "peak_rss_mib": peak_rss,  # the worst rank's
         }
 
     def replan(self, moe_layers: list, loads: torch.Tensor) -> None:
@@ -360,7 +417,10 @@ class Trainer:
         forced = [(layer, layer.forced_expert_ids) for _, layer in self.model.moe_layers()] if hooked else []
         for layer, _ in forced:  # evaluation routes by the router (micro-batch sizes differ too)
             layer.forced_expert_ids = None
-        total = sum(self.model.loss(b.to(self.device))[0].item() for b in batches[self.rank :: world])
+        with self.autocast():
+            total = sum(self.model.loss(b.to(self.device))[0].item() for b in batches[self.rank :: world])
+        if self.fsdp:  # NOTE: with no backward to follow, FSDP's root keeps its parameters unsharded
+            self.model.reshard()
         for layer, ids in forced:
             layer.forced_expert_ids = ids
         self.model.train()
@@ -404,10 +464,28 @@ class Trainer:
             "ep": self.layout.ep,
             "params": self.model.num_params(),
             "active_params": self.model.num_params(active_only=True),
+            "fsdp": self.fsdp,
+            **self.memory_summary(),
         }
         if self.rank == 0:
             (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             self.say(expert_load.write_png(metrics_path, self.out_dir / "expert_load.png"))
+        return summary
+
+    def memory_summary(self) -> dict:
+        """This rank's memory figures, and for each the worst rank's value and which rank that is."""
+        mine = {**self.memory, "peak_rss_mib": memory.peak_rss_mib()}
+        names = list(mine)
+        per_rank = torch.tensor([[float(mine[n]) for n in names]], dtype=torch.float64)
+        if self.layout.world > 1:
+            gathered = [torch.empty_like(per_rank) for _ in range(self.layout.world)]
+            dist.all_gather(gathered, per_rank.to(self.device))
+            per_rank = torch.cat([g.cpu() for g in gathered])
+        summary: dict = dict(mine)
+        for i, name in enumerate(names):
+            worst = int(per_rank[:, i].argmax())
+            summary[f"worst_{name}"] = {"rank": worst, "value": per_rank[worst, i].item()}
+        summary["memory_per_rank"] = {name: per_rank[:, i].tolist() for i, name in enumerate(names)}
         return summary
 
     def log(self, row: dict, started: float, tokens_done: int) -> None:
