@@ -219,7 +219,7 @@ class Trainer:
     ):
         self.config, self.layout, self.device = config, layout, device
         self.before_forward = before_forward
-        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.rank = layout.dp_rank * layout.ep + layout.ep_rank  # its place in the layout's world
         train = config.train
         if train.global_batch % (train.micro_batch * layout.world):
             raise ValueError(
@@ -232,6 +232,8 @@ class Trainer:
         # figures count the model, not one of torch's imports.
         rss_before_build = memory.rss_mib()
         parallel = config.parallel
+        if parallel.fsdp and train.compile:
+            raise ValueError("train.compile = true does not support parallel.fsdp = true yet")
         self.fsdp = parallel.fsdp
         bf16 = train.dtype == "bf16"
         torch.manual_seed(train.seed)

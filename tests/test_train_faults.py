@@ -30,8 +30,10 @@ def read_steps(out_dir) -> int:
     return steps
 
 
-def test_a_killed_worker_restarts_and_ends_where_the_uninterrupted_run_ends(tmp_path):
-    train(tmp_path / "whole", 2, "parallel.ep=2", *RUN)
+@pytest.mark.parametrize("fsdp", ["false", "true"])
+def test_a_killed_worker_restarts_and_ends_where_the_uninterrupted_run_ends(tmp_path, fsdp):
+    run = (*RUN, f"parallel.fsdp={fsdp}")
+    train(tmp_path / "whole", 2, "parallel.ep=2", *run)
     whole = losses(tmp_path / "whole")
 
     out = tmp_path / "killed"
@@ -50,7 +52,7 @@ def test_a_killed_worker_restarts_and_ends_where_the_uninterrupted_run_ends(tmp_
         "configs/test.toml",
         f"train.out_dir={out}",
         "parallel.ep=2",
-        *RUN,
+        *run,
     ]
     agent = subprocess.Popen(
         [*cmd, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
