@@ -12,7 +12,9 @@ FSDP2 layout (torchtitan's, over the dp x ep mesh of parallel.make_layout):
   are sharded over all ranks, one FSDP unit per block and one for the rest;
 - each MoE layer's experts are their own unit, sharded over the dp ranks that
   hold the same experts: over the local-expert dimension where dp divides it,
-  else over the next dimension (d_model of w1, d_hidden of w2);
+  else over the next dimension (d_model of w1, d_hidden of w2); with dp = 1
+  and no param_dtype they stay plain tensors outside FSDP (no other rank
+  holds them);
 - gradients are reduce-scattered as sums (divide factor 1: each rank's loss is
   already scaled by 1 / micro-batches in the global batch), in fp32.
 """
@@ -70,9 +72,16 @@ def apply_fsdp(model: Transformer, layout: Layout, param_dtype: torch.dtype | No
         raise ValueError("apply_fsdp needs a dp x ep mesh of more than one rank (parallel.make_layout)")
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     world_mesh = _world_mesh(mesh)
+    unsharded: set[nn.Parameter] = set()
     for _, layer in model.moe_layers():
         if layer.placement is not None:
             raise ValueError("parallel.fsdp does not support redundant experts (parallel.redundant_experts)")
+        if layout.dp == 1 and param_dtype is None:
+            # NOTE: no other rank holds these experts, so there is nothing to shard or reduce; as an
+            # FSDP unit of one rank they would still be copied whole for every forward and backward.
+            # (With a param_dtype they stay a unit: that copy is then the compute-dtype one.)
+            unsharded.update(layer.experts.parameters())
+            continue
         fully_shard(
             layer.experts,
             mesh=mesh["dp"],
@@ -80,8 +89,8 @@ def apply_fsdp(model: Transformer, layout: Layout, param_dtype: torch.dtype | No
             shard_placement_fn=_expert_shard_dim(layer.num_local_experts, layout.dp),
         )
     for block in model.blocks:
-        fully_shard(block, mesh=world_mesh, mp_policy=policy)
-    fully_shard(model, mesh=world_mesh, mp_policy=policy)
+        fully_shard(block, mesh=world_mesh, mp_policy=policy, ignored_params=unsharded or None)
+    fully_shard(model, mesh=world_mesh, mp_policy=policy, ignored_params=unsharded or None)
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)

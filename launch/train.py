@@ -258,16 +258,18 @@ class Trainer:
             for layer in moe_layers:  # before any load is measured: the placement for a uniform load
                 uniform = torch.ones(layer.config.num_experts)
                 layer.apply_placement(balance(uniform, layout.ep, parallel.redundant_experts))
-        decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2]
-        no_decay = [p for n, p in self.model.named_parameters() if p.dim() < 2]
-        self.optimizer = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": train.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0},
-            ],
-            lr=train.lr,
-            betas=(0.9, 0.95),
-        )
+        # NOTE: experts and the rest in separate groups: under FSDP at dp = 1 the experts are plain
+        # tensors beside DTensors, and AdamW's foreach kernels take one kind per group.
+        experts = expert_parameters(self.model)
+        groups = []
+        for is_expert in (False, True):
+            params = [p for p in self.model.parameters() if (id(p) in experts) == is_expert]
+            groups += [
+                {"params": [p for p in params if p.dim() >= 2], "weight_decay": train.weight_decay},
+                {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+            ]
+        groups = [group for group in groups if group["params"]]
+        self.optimizer = torch.optim.AdamW(groups, lr=train.lr, betas=(0.9, 0.95))
         check_optimizer_tracks(self.model, self.optimizer)
         # This rank's; run() adds the peak over the run and every rank's worst.
         self.memory = {
