@@ -5,7 +5,8 @@
 
 Each layout is a fresh `launch.train` run (torchrun for world > 1) of
 configs/tiny.toml with experts that are most of the parameters (d_model 256,
-d_hidden 1024, 64 experts: 537 MB of experts in fp32), ep = world, and its
+d_hidden 1024, 64 experts: 537 MB of experts in fp32), ep = world and then
+dp 2 x ep 2, and its
 summary.json's memory figures: RSS before the build, the build's peak, the
 parameter bytes this rank holds, the run's peak; each the worst rank's.
 `--step-time` alternates FSDP and plain runs of tiny.toml at dp 2 x ep 2 round
@@ -27,6 +28,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 EXPERT_HEAVY = ["model.d_model=256", "moe.d_hidden=1024", "moe.num_experts=64"]
+LAYOUTS = [(1, 1), (2, 2), (4, 4), (4, 2)]  # (world, ep): ep = world, then dp 2 x ep 2
 SHORT = ["train.global_batch=8", "train.micro_batch=2", "train.eval_batches=1", "train.checkpoint_every=0"]
 
 
@@ -49,16 +51,17 @@ def run(world: int, overrides: list[str], out_dir: Path) -> dict:
 def memory_rows(steps: int) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for world in (1, 2, 4):
+        for world, ep in LAYOUTS:
             for fsdp in (False, True):
                 if fsdp and world == 1:
                     continue
-                overrides = [*EXPERT_HEAVY, *SHORT, f"train.steps={steps}", f"parallel.ep={world}"]
+                overrides = [*EXPERT_HEAVY, *SHORT, f"train.steps={steps}", f"parallel.ep={ep}"]
                 overrides.append(f"parallel.fsdp={str(fsdp).lower()}")
-                summary = run(world, overrides, Path(tmp) / f"w{world}_{fsdp}")["summary"]
+                summary = run(world, overrides, Path(tmp) / f"w{world}_ep{ep}_{fsdp}")["summary"]
                 rows.append(
                     {
                         "world": world,
+                        "ep": ep,
                         "fsdp": fsdp,
                         **{
                             name: summary[f"worst_{name}"]["value"]
@@ -124,11 +127,14 @@ def main() -> None:
         result = {"machine": machine, "step_times": times, "fsdp_over_plain": ratios}
     else:
         rows = memory_rows(args.steps)
-        print("| world | FSDP | RSS before build | build peak | build − before | params held | run peak |")
-        print("|---|---|---|---|---|---|---|")
+        print(
+            "| world | ep | FSDP | RSS before build | build peak | build − before | params held | run peak |"
+        )
+        print("|---|---|---|---|---|---|---|---|")
         for r in rows:
             print(
-                f"| {r['world']} | {'yes' if r['fsdp'] else 'no'} | {r['rss_before_build_mib']:.0f} MiB "
+                f"| {r['world']} | {r['ep']} | {'yes' if r['fsdp'] else 'no'} "
+                f"| {r['rss_before_build_mib']:.0f} MiB "
                 f"| {r['build_peak_rss_mib']:.0f} MiB "
                 f"| {r['build_peak_rss_mib'] - r['rss_before_build_mib']:.0f} MiB "
                 f"| {r['param_bytes_local'] / 2**20:.0f} MiB | {r['peak_rss_mib']:.0f} MiB |"

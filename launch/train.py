@@ -80,8 +80,9 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute each block's activations in the backward
     compile: bool = False  # torch.compile each block (the MoE exchanges run between its graphs)
     compile_backend: str = "inductor"  # torch.compile's backend ("aot_eager": no code generation)
-    # glibc malloc keeps freed memory for reuse instead of mapping fresh pages every step (allocator.py)
-    keep_freed_memory: bool = True
+    # glibc malloc keeps freed memory for reuse instead of mapping fresh pages every step (allocator.py).
+    # None: yes without FSDP, no with it (FSDP's large transient buffers then fragment the kept heap).
+    keep_freed_memory: bool | None = None
     # The compute dtype: "fp32", or "bf16" (FSDP's param dtype with fp32 reductions; autocast
     # without FSDP). bf16 pays only on CPUs with native bf16 (AVX512-BF16, AMX) or GPUs.
     dtype: str = "fp32"
@@ -324,8 +325,6 @@ class Trainer:
         choices_E: list[torch.Tensor | None] = [None] * len(moe_layers)
         for micro, tokens in enumerate(mine):
             self.prepare_forward(moe_layers, tokens.shape[0] * (tokens.shape[1] - 1), micro)
-            if self.fsdp:  # reduce-scatter the gradients once, in the last micro-batch's backward
-                self.model.set_requires_gradient_sync(micro == len(mine) - 1)
             with self.autocast():
                 lm_loss, aux_loss, outputs = self.model.loss(tokens.to(self.device), choices_E)
             ((lm_loss + aux_loss) / self.micro_batches_per_step).backward()
@@ -545,8 +544,11 @@ def run_training(config: RunConfig, before_forward: BeforeForward | None = None)
     if "WORLD_SIZE" in os.environ:  # under torchrun
         timeout = timedelta(seconds=config.parallel.timeout_s)
         device = ep.init_distributed(config.parallel.backend, timeout=timeout)
+    keep = config.train.keep_freed_memory
+    if keep is None:
+        keep = not config.parallel.fsdp
     allocator = "glibc malloc defaults (train.keep_freed_memory = false)"
-    if config.train.keep_freed_memory:
+    if keep:
         allocator = keep_freed_memory()
     try:
         layout = make_layout(config.parallel.ep, device.type)
