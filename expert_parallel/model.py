@@ -202,7 +202,7 @@ class Transformer(nn.Module):
     N(0, 0.02), the projections back into the residual stream
     ~ N(0, 0.02 / sqrt(2 * n_layers)) (GPT-2), norms 1. Built under
     torch.device("meta"), nothing is written until `reset_parameters()`
-    (parallel.build_model: shard, `to_empty`, then reset).
+    (build.build_model: shard, `to_empty`, then reset).
 
     `execution`: how the MoE layers run (ExecutionConfig; the defaults if None).
     `activation_checkpointing` (a plain attribute, off by default): in

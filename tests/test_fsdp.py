@@ -214,7 +214,9 @@ def test_an_optimizer_built_before_the_experts_were_sharded_raises():
 
 
 @on_ranks(4)
-def test_an_fsdp_checkpoint_resumes_exactly_and_loads_without_fsdp_at_ep4_and_in_one_process(tmp_path):
+def test_an_fsdp_checkpoint_resumes_exactly_and_loads_without_fsdp_at_ep4_and_in_one_process_and_back(
+    tmp_path,
+):
     fsdp = ("parallel.ep=2", "parallel.fsdp=true", "train.checkpoint_every=3", "train.eval_every=100")
     whole = Trainer(
         run_config(tmp_path / "whole", *fsdp, "train.steps=5"), make_layout(2), torch.device("cpu")
@@ -247,6 +249,14 @@ def test_an_fsdp_checkpoint_resumes_exactly_and_loads_without_fsdp_at_ep4_and_in
     assert checkpoint.load(path, ep4) == 3
     for name, value in full_values(ep4).items():
         assert torch.equal(value, whole[name][local_ids(ep4, name)]), name
+
+    # And back: saved without FSDP at ep 4, loaded with FSDP at dp 2 x ep 2.
+    plain = checkpoint.save(tmp_path / "plain", 3, ep4, torch.optim.AdamW(ep4.parameters()))
+    torch.manual_seed(7)
+    sharded = build_model(first.config.model, make_layout(2), fsdp=True)
+    assert checkpoint.load(plain, sharded) == 3
+    for name, value in full_values(sharded).items():
+        assert torch.equal(value, whole[name][local_ids(sharded, name)]), name
 
 
 def local_ids(model: torch.nn.Module, name: str) -> list[int] | slice:
