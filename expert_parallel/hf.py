@@ -319,3 +319,7 @@ def _first_attr(objects, *names):
             if value is not None:
                 return value
     return None
+
+
+# NOTE: at the end, since hf_pretrained builds on the helpers above.
+from .hf_pretrained import HFMoEBlock, from_pretrained  # noqa: E402, F401

@@ -1,0 +1,346 @@
+"""A Hugging Face MoE checkpoint loaded by shard: only the dense tensors and this rank's experts are read.
+
+`from_pretrained(path, group)` (re-exported as `expert_parallel.hf.from_pretrained`):
+
+1. reads the directory's `config.json` (no code from the directory runs unless
+   `trust_remote_code=True`) and builds the transformers model of the
+   checkpoint's own class with every parameter on the meta device (buffers,
+   such as rotary frequencies, are computed as usual);
+2. swaps every MoE block (a module with a `gate` router and `experts`) for an
+   `MoELayer` over `group` holding this rank's experts (`HFMoEBlock`);
+3. reads the `*.safetensors` files (through the index where there is one) one
+   tensor at a time: each dense tensor whole, and of the experts only this
+   rank's, as slices of a fused `[E, ...]` tensor or as the per-expert tensors
+   of the experts it holds. Checkpoint keys are mapped to the model's with
+   transformers' own conversion rules (Mixtral's `block_sparse_moe.experts.3.w1`
+   is the gate half of expert 3 of `mlp.experts.gate_up_proj`).
+
+Every parameter must come from the checkpoint, and every checkpoint tensor
+must be used (one the layer would not compute, such as a router correction
+bias kept where this loader does not look, is refused, never dropped): a
+missing or unused tensor, a shape that disagrees with the config, or a
+missing or truncated file raises ValueError naming the file and the tensor. The routing math of each block is
+checked as `from_hf_block` checks it (the block's router on random tokens).
+
+Legend: E experts, e local experts, D hidden size, I expert hidden width.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from contextlib import contextmanager
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .config import ExecutionConfig
+from .hf import _check_routing, _config_from_block, _shared_mlp
+from .layer import MoELayer
+
+_EXPERT_INDEX = re.compile(r"\.experts\.(\d+)\.")
+
+
+class HFMoEBlock(nn.Module):
+    """An MoELayer in a transformers model's place of an MoE block: hidden_states -> hidden_states.
+
+    transformers' decoder layer takes the block's output tensor only, so the
+    layer's aux loss and statistics of the last forward are not returned to it;
+    call `self.layer` directly for the whole MoEOutput.
+    """
+
+    def __init__(self, layer: MoELayer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        return self.layer(hidden_states).out
+
+
+def from_pretrained(
+    path: str | Path,
+    group=None,
+    *,
+    dtype: torch.dtype | None = None,
+    trust_remote_code: bool = False,
+    **overrides,
+) -> nn.Module:
+    """The checkpoint's transformers model with every MoE block an MoELayer holding this rank's experts.
+
+    `dtype`: of the parameters (default: the config's `dtype`, else float32).
+    `overrides`: MoEConfig fields (capacity_factor, aux_loss_coef, aux_loss_scope, ...)
+    or ExecutionConfig fields (dispatch, ...), as for `from_hf_block`.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{path}: no config.json; not a Hugging Face model directory")
+    hf_config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    dtype = dtype or _config_dtype(hf_config)
+    with _parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, trust_remote_code=trust_remote_code)
+    reader = _Checkpoint(path, model)
+    execution_fields = {f.name for f in fields(ExecutionConfig)}
+    execution = ExecutionConfig(**{k: v for k, v in overrides.items() if k in execution_fields})
+    moe_overrides = {k: v for k, v in overrides.items() if k not in execution_fields}
+    blocks = [(name, m) for name, m in model.named_modules() if _is_moe_block(m)]
+    if not blocks:
+        raise ValueError(
+            f"{path}: {type(model).__name__} has no MoE block (a module with `gate` and `experts`)"
+        )
+    for name, block in blocks:
+        config = _config_from_block(block, moe_overrides)
+        with torch.device("meta"), torch.random.fork_rng(devices=[]):
+            layer = MoELayer(config, group, execution=execution, name=name)
+        layer.to_empty(device="cpu")
+        layer.to(dtype)
+        if layer.selection_bias is not None:
+            layer.selection_bias = layer.selection_bias.float()
+        reader.load_layer(name, block, layer)
+        _check_router_tensors(name, block, layer)
+        _materialize(block.gate)
+        reader.load_into(f"{name}.gate", block.gate)
+        _check_routing(block, layer)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, HFMoEBlock(layer))
+    _materialize(model)
+    reader.load_dense(model)
+    reader.check_all_used()
+    model.eval()
+    return model
+
+
+def _check_router_tensors(name: str, block: nn.Module, layer: MoELayer) -> None:
+    """Refuse a router holding a tensor the layer has no place for (ERNIE-4.5's `moe_statics` bias)."""
+    known = {"weight"} | ({"bias"} if layer.router.bias is not None else set())
+    known |= {"e_score_correction_bias"} if layer.selection_bias is not None else set()
+    other = sorted(set(block.gate.state_dict(keep_vars=True)) - known)
+    if other:
+        raise ValueError(
+            f"{type(block).__name__} at {name}: its router holds {other}, which the MoE layer does not "
+            f"compute; this family is not supported"
+        )
+
+
+@contextmanager
+def _parameters_on_meta():
+    """Every nn.Parameter registered inside is moved to the meta device; buffers stay real.
+
+    NOTE: torch.device("meta") would also put the rotary frequencies (computed
+    buffers, not in the checkpoint) on meta. A parameter is created on the CPU
+    first: `torch.empty` maps memory without touching it, so no page is resident.
+    """
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None and not param.is_meta:
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def _materialize(module: nn.Module) -> None:
+    """Give every meta parameter under `module` storage on the CPU, keeping tied parameters tied."""
+    places: dict[int, list[tuple[nn.Module, str]]] = {}
+    params: dict[int, nn.Parameter] = {}
+    for owner in module.modules():
+        for name, param in owner._parameters.items():
+            if param is not None and param.is_meta:
+                places.setdefault(id(param), []).append((owner, name))
+                params[id(param)] = param
+    for pid, where in places.items():
+        old = params[pid]
+        new = nn.Parameter(torch.empty(old.shape, dtype=old.dtype), requires_grad=old.requires_grad)
+        for owner, name in where:
+            owner._parameters[name] = new
+
+
+def _is_moe_block(module: nn.Module) -> bool:
+    experts = getattr(module, "experts", None)
+    return getattr(module, "gate", None) is not None and (
+        hasattr(experts, "gate_up_proj") or isinstance(experts, nn.ModuleList)
+    )
+
+
+def _config_dtype(hf_config) -> torch.dtype:
+    dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+class _Checkpoint:
+    """The directory's safetensors files, keyed by the model's names (transformers' conversion rules)."""
+
+    def __init__(self, path: Path, model: nn.Module):
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+        self.path = path
+        files = self._files()
+        conversions = get_model_conversion_mapping(model)
+        renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+        converters = [c for c in conversions if isinstance(c, WeightConverter)]
+        self.keys: dict[str, tuple[str, Path]] = {}  # model name -> (checkpoint key, file), dense
+        # fused expert parameter (model name) -> {(expert or None, part): (checkpoint key, file)}
+        self.expert_keys: dict[str, dict[tuple[int | None, int], tuple[str, Path]]] = {}
+        for key, file in files.items():
+            target, pattern = rename_source_key(key, renamings, converters)
+            if pattern is None:
+                self.keys[target] = (key, file)
+                continue
+            converter = next(c for c in converters if pattern in c.source_patterns)
+            part = converter.source_patterns.index(pattern)  # gate_up_proj: 0 the gate, 1 the up half
+            expert = _EXPERT_INDEX.search(key)
+            slot = (int(expert.group(1)) if expert else None, part)
+            self.expert_keys.setdefault(target, {})[slot] = (key, file)
+        for target, slots in self.expert_keys.items():  # a fused tensor on disk: no expert index
+            if all(expert is None for expert, _ in slots):
+                self.keys.setdefault(target, next(iter(slots.values())))
+        self.used: set[str] = set()  # checkpoint keys read, or left to other ranks (their experts)
+
+    def check_all_used(self) -> None:
+        """Raise if the checkpoint holds a tensor the model did not take: something it does not compute."""
+        every = {key for key, _ in self.keys.values()}
+        every |= {key for slots in self.expert_keys.values() for key, _ in slots.values()}
+        unused = sorted(every - self.used)
+        if unused:
+            raise ValueError(
+                f"{self.path}: the checkpoint holds {len(unused)} tensor(s) the model does not use "
+                f"({', '.join(unused[:4])}{', ...' if len(unused) > 4 else ''}): a feature of this model "
+                f"that the MoE layer does not compute, or a checkpoint of another architecture"
+            )
+
+    def _files(self) -> dict[str, Path]:
+        """Checkpoint key -> the file holding it, from the index or the single file."""
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError) as err:
+                raise ValueError(f"{index}: not a safetensors index ({err})") from err
+            return {key: self.path / name for key, name in weight_map.items()}
+        single = self.path / "model.safetensors"
+        if not single.is_file():
+            raise ValueError(f"{self.path}: neither model.safetensors nor model.safetensors.index.json")
+        return {key: single for key in self._open(single).keys()}
+
+    def _open(self, file: Path):
+        from safetensors import safe_open
+
+        if not file.is_file():
+            raise ValueError(f"{file}: missing (named by the checkpoint's index)")
+        try:
+            return safe_open(file, framework="pt")
+        except Exception as err:  # safetensors raises its own error types for truncated headers
+            raise ValueError(f"{file}: cannot be read as safetensors ({err})") from err
+
+    def read(self, key: str, file: Path, rows: slice | None = None) -> Tensor:
+        """One tensor (or rows of its first dimension) from one file."""
+        self.used.add(key)
+        with self._open(file) as f:
+            try:
+                if rows is None:
+                    return f.get_tensor(key)
+                return f.get_slice(key)[rows]
+            except Exception as err:
+                raise ValueError(f"{file}: cannot read tensor {key!r} ({err})") from err
+
+    def load_into(self, prefix: str, module: nn.Module) -> None:
+        """Every parameter and persistent buffer of `module` from the checkpoint key of `prefix.<name>`."""
+        for name, tensor in module.state_dict(keep_vars=True).items():
+            self._copy(f"{prefix}.{name}", tensor)
+
+    def load_dense(self, model: nn.Module) -> None:
+        """Every parameter and persistent buffer outside the MoE layers (loaded before)."""
+        persistent = set(model.state_dict(keep_vars=True))
+        loaded = {
+            id(t)
+            for m in model.modules()
+            if isinstance(m, HFMoEBlock)
+            for t in m.state_dict(keep_vars=True).values()
+        }
+        # A tied LM head is the embedding's parameter, listed once under the embedding's name.
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if id(tensor) in loaded or name not in persistent:  # the MoE layers; computed buffers (rotary)
+                continue
+            self._copy(name, tensor)
+
+    @torch.no_grad()
+    def _copy(self, name: str, target: Tensor) -> None:
+        if name not in self.keys:
+            raise ValueError(f"{self.path}: the checkpoint has no tensor for {name!r}")
+        key, file = self.keys[name]
+        value = self.read(key, file)
+        if value.shape != target.shape:
+            raise ValueError(
+                f"{file}: tensor {key!r} has shape {tuple(value.shape)}, the config makes {name!r} "
+                f"{tuple(target.shape)}"
+            )
+        target.copy_(value)
+
+    @torch.no_grad()
+    def load_layer(self, name: str, block: nn.Module, layer: MoELayer) -> None:
+        """The router, selection bias, this rank's experts and the shared experts of one block."""
+        self._copy(f"{name}.gate.weight", layer.router.weight)
+        if layer.router.bias is not None:
+            self._copy(f"{name}.gate.bias", layer.router.bias)
+        if layer.selection_bias is not None:
+            self._copy(f"{name}.gate.e_score_correction_bias", layer.selection_bias)
+        first, count = layer.first_expert, layer.num_local_experts
+        E, hidden = layer.config.num_experts, layer.config.d_hidden
+        gate_up, down = f"{name}.experts.gate_up_proj", f"{name}.experts.down_proj"
+        gate_up_eXD = self._experts(gate_up, first, count, parts=2)  # [e, 2I, D]
+        down_eDI = self._experts(down, first, count, parts=1)  # [e, D, I]
+        want = {gate_up: (count, 2 * hidden, layer.config.d_model), down: (count, layer.config.d_out, hidden)}
+        for key, value in ((gate_up, gate_up_eXD), (down, down_eDI)):
+            if tuple(value.shape) != want[key]:
+                raise ValueError(
+                    f"{self.path}: {key!r} of experts {first}..{first + count - 1} of {E} reads as "
+                    f"{tuple(value.shape)}, the config makes {want[key]}"
+                )
+        layer.experts.w1.copy_(gate_up_eXD[:, :hidden].transpose(1, 2))
+        layer.experts.w3.copy_(gate_up_eXD[:, hidden:].transpose(1, 2))
+        layer.experts.w2.copy_(down_eDI.transpose(1, 2))
+        shared = _shared_mlp(block)
+        if shared is not None:
+            prefix = f"{name}.{'shared_expert' if hasattr(block, 'shared_expert') else 'shared_experts'}"
+            names = (
+                ("gate_proj", "up_proj", "down_proj") if hasattr(shared, "gate_proj") else ("w1", "w3", "w2")
+            )
+            for mine, theirs in zip(("w1", "w3", "w2"), names):
+                weight = self._read_named(f"{prefix}.{theirs}.weight")
+                getattr(layer.shared_experts, mine).copy_(weight.t())
+            if getattr(block, "shared_expert_gate", None) is not None:
+                layer.shared_experts.gate.copy_(self._read_named(f"{name}.shared_expert_gate.weight")[0])
+
+    def _read_named(self, name: str) -> Tensor:
+        if name not in self.keys:
+            raise ValueError(f"{self.path}: the checkpoint has no tensor for {name!r}")
+        return self.read(*self.keys[name])
+
+    def _experts(self, target: str, first: int, count: int, parts: int) -> Tensor:
+        """[count, ...] of the fused expert parameter `target`: a slice of the fused tensor on disk,
+        or the per-expert tensors of experts first..first+count-1, their parts joined on dim 0."""
+        slots = self.expert_keys.get(target)
+        self.used.update(key for key, _ in (slots or {}).values())  # other ranks read the others' experts
+        if target in self.keys and (slots is None or all(e is None for e, _ in slots)):
+            key, file = self.keys[target]
+            return self.read(key, file, slice(first, first + count))
+        if not slots:
+            raise ValueError(f"{self.path}: the checkpoint has no tensors for {target!r}")
+        experts = []
+        for g in range(first, first + count):
+            missing = [p for p in range(parts) if (g, p) not in slots]
+            if missing:
+                raise ValueError(f"{self.path}: the checkpoint has no tensor for expert {g} of {target!r}")
+            experts.append(torch.cat([self.read(*slots[(g, p)]) for p in range(parts)], dim=0))
+        return torch.stack(experts)

@@ -1,0 +1,152 @@
+"""expert_parallel.hf.from_pretrained: a saved Hugging Face MoE model, loaded by shard, equals transformers'.
+
+For each family, a tiny random model (8 experts) is saved with transformers'
+`save_pretrained` to a temporary directory (no download), with its routers
+perturbed so that routing is far from uniform and a nonzero selection bias
+where the family has one. Loaded with `from_pretrained` in one process and
+with its experts sharded over 2 and 4 gloo ranks: logits equal the
+transformers model's to 1e-5 and the gradient of the input embeddings to 1e-4.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from rankpool import on_ranks
+
+transformers = pytest.importorskip("transformers")
+
+from expert_parallel.hf import HFMoEBlock, from_pretrained  # noqa: E402
+
+SMALL = dict(
+    vocab_size=128,
+    hidden_size=32,
+    intermediate_size=64,
+    moe_intermediate_size=16,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    num_experts_per_tok=2,
+)
+GROUPED = dict(n_routed_experts=8, n_group=2, topk_group=1, first_k_dense_replace=1, n_shared_experts=1)
+MLA = dict(
+    q_lora_rank=16,
+    kv_lora_rank=16,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=8,
+    v_head_dim=8,
+    num_key_value_heads=4,
+)
+FAMILIES = {
+    "mixtral": dict(num_local_experts=8),
+    "qwen2_moe": dict(num_experts=8, shared_expert_intermediate_size=32),
+    "qwen3_moe": dict(num_experts=8),
+    "olmoe": dict(num_experts=8),
+    "deepseek_v2": {**GROUPED, **MLA},
+    "deepseek_v3": {**GROUPED, **MLA},
+    "glm4_moe": GROUPED,
+    "dots1": GROUPED,
+}
+
+
+def save_tiny(directory, family: str) -> None:
+    """A random model of `family`, its routers made uneven, saved by transformers."""
+    config = transformers.AutoConfig.for_model(family, **{**SMALL, **FAMILIES[family]})
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, tensor in model.named_parameters():
+            if name.endswith("gate.weight") and tensor.dim() == 2 and "mlp" in name:
+                tensor.mul_(8.0)  # sharper routers: a few experts take most tokens
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if name.endswith("e_score_correction_bias"):
+                tensor.copy_(torch.rand(tensor.shape, generator=generator) * 0.5)
+    model.save_pretrained(directory)
+
+
+def compare(directory, group, rank: int) -> None:
+    reference = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
+    ours = from_pretrained(directory, group)
+    assert any(isinstance(m, HFMoEBlock) for m in ours.modules())
+    tokens = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(rank))
+    grads = []
+    for model in (reference, ours):
+        embeds = model.get_input_embeddings()(tokens).detach().requires_grad_()
+        logits = model(inputs_embeds=embeds, use_cache=False).logits
+        (logits.square().mean()).backward()
+        grads.append((logits.detach(), embeds.grad))
+    (want, want_grad), (got, got_grad) = grads
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_one_process_equals_transformers(tmp_path, family):
+    save_tiny(tmp_path, family)
+    compare(tmp_path, None, 0)
+
+
+@on_ranks(2, 4, timeout=300)
+def test_experts_sharded_over_the_ranks_equal_transformers(tmp_path):
+    for family in FAMILIES:
+        directory = tmp_path / family
+        if dist.get_rank() == 0:
+            save_tiny(directory, family)
+        dist.barrier()
+        compare(directory, dist.group.WORLD, dist.get_rank())
+
+
+@on_ranks(2)
+def test_each_rank_holds_only_its_experts(tmp_path):
+    if dist.get_rank() == 0:
+        save_tiny(tmp_path, "mixtral")
+    dist.barrier()
+    model = from_pretrained(tmp_path, dist.group.WORLD)
+    layer = model.model.layers[0].mlp.layer
+    assert layer.experts.w1.shape[0] == 4 and layer.local_expert_ids == list(
+        range(4 * dist.get_rank(), 4 * dist.get_rank() + 4)
+    )
+
+
+def test_a_missing_tensor_a_truncated_file_and_a_wrong_shape_are_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    save_tiny(tmp_path, "qwen2_moe")
+    file = tmp_path / "model.safetensors"
+    tensors = load_file(file)
+    dropped = dict(tensors)
+    dropped.pop("model.layers.1.self_attn.q_proj.weight")
+    save_file(dropped, file, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"no tensor for 'model\.layers\.1\.self_attn\.q_proj\.weight'"):
+        from_pretrained(tmp_path)
+    wrong = dict(tensors)
+    wrong["model.layers.0.mlp.gate.weight"] = torch.zeros(8, 16)
+    save_file(wrong, file, metadata={"format": "pt"})
+    with pytest.raises(
+        ValueError, match=r"model\.safetensors: tensor 'model\.layers\.0\.mlp\.gate\.weight' has shape"
+    ):
+        from_pretrained(tmp_path)
+    save_file(tensors, file, metadata={"format": "pt"})
+    file.write_bytes(file.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"model\.safetensors: cannot be read as safetensors"):
+        from_pretrained(tmp_path)
+
+
+def test_a_directory_without_a_model_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="no config.json"):
+        from_pretrained(tmp_path)
+
+
+def test_a_family_whose_router_the_layer_does_not_compute_is_refused(tmp_path):
+    # ERNIE-4.5-MoE keeps its selection bias outside the router, where the layer does not read it.
+    config = transformers.AutoConfig.for_model(
+        "ernie4_5_moe", **{**SMALL, "moe_num_experts": 8, "moe_k": 2, "moe_layer_start_index": 0}
+    )
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    with pytest.raises(
+        ValueError, match=r"Ernie4_5_MoeSparseMoeBlock at model\.layers\.0\.mlp: .*moe_statics"
+    ):
+        from_pretrained(tmp_path)
