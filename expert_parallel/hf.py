@@ -321,5 +321,13 @@ def _first_attr(objects, *names):
     return None
 
 
-# NOTE: at the end, since hf_pretrained builds on the helpers above.
-from .hf_pretrained import HFMoEBlock, from_pretrained  # noqa: E402, F401
+def __getattr__(name: str):
+    """`from_pretrained` and `HFMoEBlock` live in hf_pretrained, which builds on the helpers above.
+
+    NOTE: looked up on first use (PEP 562), so that either module may be imported first.
+    """
+    if name in ("from_pretrained", "HFMoEBlock"):
+        from . import hf_pretrained
+
+        return getattr(hf_pretrained, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -103,7 +103,12 @@ def from_pretrained(
         _check_router_tensors(name, block, layer)
         _materialize(block.gate)
         reader.load_into(f"{name}.gate", block.gate)
-        _check_routing(block, layer)
+        try:
+            _check_routing(block, layer)
+        except TypeError as err:  # a router whose forward takes more than the hidden states
+            raise ValueError(
+                f"{type(block).__name__} at {name}: its router cannot be checked ({err})"
+            ) from err
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, HFMoEBlock(layer))
     _materialize(model)
@@ -296,20 +301,14 @@ class _Checkpoint:
         if layer.selection_bias is not None:
             self._copy(f"{name}.gate.e_score_correction_bias", layer.selection_bias)
         first, count = layer.first_expert, layer.num_local_experts
-        E, hidden = layer.config.num_experts, layer.config.d_hidden
+        hidden, d_model, d_out = layer.config.d_hidden, layer.config.d_model, layer.config.d_out
         gate_up, down = f"{name}.experts.gate_up_proj", f"{name}.experts.down_proj"
-        gate_up_eXD = self._experts(gate_up, first, count, parts=2)  # [e, 2I, D]
-        down_eDI = self._experts(down, first, count, parts=1)  # [e, D, I]
-        want = {gate_up: (count, 2 * hidden, layer.config.d_model), down: (count, layer.config.d_out, hidden)}
-        for key, value in ((gate_up, gate_up_eXD), (down, down_eDI)):
-            if tuple(value.shape) != want[key]:
-                raise ValueError(
-                    f"{self.path}: {key!r} of experts {first}..{first + count - 1} of {E} reads as "
-                    f"{tuple(value.shape)}, the config makes {want[key]}"
-                )
-        layer.experts.w1.copy_(gate_up_eXD[:, :hidden].transpose(1, 2))
-        layer.experts.w3.copy_(gate_up_eXD[:, hidden:].transpose(1, 2))
-        layer.experts.w2.copy_(down_eDI.transpose(1, 2))
+        # NOTE: one expert at a time, so that no more than one expert's tensor is ever read but not placed.
+        for j, g in enumerate(range(first, first + count)):
+            gate_up_XD = self._expert(gate_up, g, parts=2, shape=(2 * hidden, d_model))  # [2I, D]
+            layer.experts.w1[j].copy_(gate_up_XD[:hidden].t())
+            layer.experts.w3[j].copy_(gate_up_XD[hidden:].t())
+            layer.experts.w2[j].copy_(self._expert(down, g, parts=1, shape=(d_out, hidden)).t())
         shared = _shared_mlp(block)
         if shared is not None:
             prefix = f"{name}.{'shared_expert' if hasattr(block, 'shared_expert') else 'shared_experts'}"
@@ -327,20 +326,23 @@ class _Checkpoint:
             raise ValueError(f"{self.path}: the checkpoint has no tensor for {name!r}")
         return self.read(*self.keys[name])
 
-    def _experts(self, target: str, first: int, count: int, parts: int) -> Tensor:
-        """[count, ...] of the fused expert parameter `target`: a slice of the fused tensor on disk,
-        or the per-expert tensors of experts first..first+count-1, their parts joined on dim 0."""
-        slots = self.expert_keys.get(target)
-        self.used.update(key for key, _ in (slots or {}).values())  # other ranks read the others' experts
-        if target in self.keys and (slots is None or all(e is None for e, _ in slots)):
+    def _expert(self, target: str, g: int, parts: int, shape: tuple[int, ...]) -> Tensor:
+        """Expert g of the fused expert parameter `target` [E, ...]: a one-row slice of the fused tensor
+        on disk, or expert g's per-expert tensors, their parts joined on dim 0."""
+        slots = self.expert_keys.get(target) or {}
+        self.used.update(key for key, _ in slots.values())  # other ranks read the others' experts
+        if target in self.keys and all(e is None for e, _ in slots):
             key, file = self.keys[target]
-            return self.read(key, file, slice(first, first + count))
-        if not slots:
-            raise ValueError(f"{self.path}: the checkpoint has no tensors for {target!r}")
-        experts = []
-        for g in range(first, first + count):
+            value = self.read(key, file, slice(g, g + 1))[0]
+        else:
             missing = [p for p in range(parts) if (g, p) not in slots]
-            if missing:
+            if not slots or missing:
                 raise ValueError(f"{self.path}: the checkpoint has no tensor for expert {g} of {target!r}")
-            experts.append(torch.cat([self.read(*slots[(g, p)]) for p in range(parts)], dim=0))
-        return torch.stack(experts)
+            value = torch.cat([self.read(*slots[(g, p)]) for p in range(parts)], dim=0)
+            key, file = slots[(g, 0)]
+        if tuple(value.shape) != shape:
+            raise ValueError(
+                f"{file}: expert {g} of {target!r} ({key!r}) reads as {tuple(value.shape)}, the config makes "
+                f"{shape}"
+            )
+        return value

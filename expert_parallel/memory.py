@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import resource
+from pathlib import Path
 
 import psutil
 from torch import Tensor, nn
@@ -15,7 +16,18 @@ def rss_mib() -> float:
 
 
 def peak_rss_mib() -> float:
-    """The highest resident set size since the process started, MiB (Linux reports KiB)."""
+    """The highest resident set size of this process image, MiB.
+
+    NOTE: Linux's VmHWM, not getrusage's ru_maxrss: ru_maxrss survives exec,
+    so a process started by a larger one (pytest holding a model, say)
+    reports its parent's peak at the fork. Elsewhere ru_maxrss (KiB on Linux).
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**10  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
 
 

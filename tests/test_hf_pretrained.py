@@ -140,13 +140,44 @@ def test_a_directory_without_a_model_is_refused(tmp_path):
         from_pretrained(tmp_path)
 
 
-def test_a_family_whose_router_the_layer_does_not_compute_is_refused(tmp_path):
+REFUSED = {
     # ERNIE-4.5-MoE keeps its selection bias outside the router, where the layer does not read it.
-    config = transformers.AutoConfig.for_model(
-        "ernie4_5_moe", **{**SMALL, "moe_num_experts": 8, "moe_k": 2, "moe_layer_start_index": 0}
-    )
+    "ernie4_5_moe": (
+        dict(moe_num_experts=8, moe_k=2, moe_layer_start_index=0),
+        r"Ernie4_5_MoeSparseMoeBlock at model\.layers\.0\.mlp: .*moe_statics",
+    ),
+    "minimax_m2": (dict(num_local_experts=8), r"at model\.layers\.0\.mlp: its router cannot be checked"),
+    "gpt_oss": (dict(num_local_experts=8), "has no MoE block"),
+}
+
+
+@pytest.mark.parametrize("family", REFUSED)
+def test_a_family_whose_math_the_layer_does_not_compute_is_refused(tmp_path, family):
+    extra, message = REFUSED[family]
+    config = transformers.AutoConfig.for_model(family, **{**SMALL, **extra})
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
-    with pytest.raises(
-        ValueError, match=r"Ernie4_5_MoeSparseMoeBlock at model\.layers\.0\.mlp: .*moe_statics"
-    ):
+    with pytest.raises(ValueError, match=message):
         from_pretrained(tmp_path)
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_loading_at_ep4_reads_only_this_ranks_experts(tmp_path):
+    import json
+
+    from multirank import REPO, launch
+
+    # Experts are most of the bytes: 2 layers x 64 experts x 3 x 256 x 1024 in fp32, 384 MiB.
+    config = transformers.MixtralConfig(
+        vocab_size=128, hidden_size=256, intermediate_size=1024, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=64, num_experts_per_tok=2,
+    )  # fmt: skip
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    results = launch(REPO / "tests" / "hf_load_memory.py", 4, [str(tmp_path)], timeout=240)
+    for result in results:
+        assert result.returncode == 0, result.output[-3000:]
+        line = next(x for x in result.output.splitlines() if x.startswith("MEMORY "))
+        mib = json.loads(line.removeprefix("MEMORY "))
+        experts_mib = 2 * 64 * 3 * 256 * 1024 * 4 / 2**20
+        assert mib["held"] < experts_mib / 4 + 8  # a quarter of the experts and the small dense part
+        assert mib["peak"] - mib["before"] <= 1.3 * mib["held"] + 64, mib
