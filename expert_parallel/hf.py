@@ -322,11 +322,11 @@ def _first_attr(objects, *names):
 
 
 def __getattr__(name: str):
-    """`from_pretrained` and `HFMoEBlock` live in hf_pretrained, which builds on the helpers above.
+    """`from_pretrained`, `save_pretrained` and `HFMoEBlock` live in hf_pretrained (built on the above).
 
     NOTE: looked up on first use (PEP 562), so that either module may be imported first.
     """
-    if name in ("from_pretrained", "HFMoEBlock"):
+    if name in ("from_pretrained", "save_pretrained", "HFMoEBlock"):
         from . import hf_pretrained
 
         return getattr(hf_pretrained, name)

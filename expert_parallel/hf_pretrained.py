@@ -51,9 +51,12 @@ class HFMoEBlock(nn.Module):
     call `self.layer` directly for the whole MoEOutput.
     """
 
-    def __init__(self, layer: MoELayer):
+    def __init__(self, layer: MoELayer, shared: tuple[str, tuple[str, str, str]] | None = None):
         super().__init__()
         self.layer = layer
+        # The replaced block's names for its shared experts: (attribute, (gate, up, down) projections),
+        # so that save_pretrained writes them back under the same keys.
+        self.shared_names = shared
 
     def forward(self, hidden_states: Tensor) -> Tensor:
         return self.layer(hidden_states).out
@@ -110,7 +113,9 @@ def from_pretrained(
                 f"{type(block).__name__} at {name}: its router cannot be checked ({err})"
             ) from err
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, HFMoEBlock(layer))
+        setattr(
+            model.get_submodule(parent) if parent else model, child, HFMoEBlock(layer, _shared_names(block))
+        )
     _materialize(model)
     reader.load_dense(model)
     reader.check_all_used()
@@ -166,6 +171,16 @@ def _materialize(module: nn.Module) -> None:
         new = nn.Parameter(torch.empty(old.shape, dtype=old.dtype), requires_grad=old.requires_grad)
         for owner, name in where:
             owner._parameters[name] = new
+
+
+def _shared_names(block: nn.Module) -> tuple[str, tuple[str, str, str]] | None:
+    """(attribute, (gate, up, down) projection names) of a block's shared experts; None without them."""
+    shared = _shared_mlp(block)
+    if shared is None:
+        return None
+    attribute = "shared_expert" if getattr(block, "shared_expert", None) is not None else "shared_experts"
+    names = ("gate_proj", "up_proj", "down_proj") if hasattr(shared, "gate_proj") else ("w1", "w3", "w2")
+    return attribute, names
 
 
 def _is_moe_block(module: nn.Module) -> bool:
@@ -309,12 +324,10 @@ class _Checkpoint:
             layer.experts.w1[j].copy_(gate_up_XD[:hidden].t())
             layer.experts.w3[j].copy_(gate_up_XD[hidden:].t())
             layer.experts.w2[j].copy_(self._expert(down, g, parts=1, shape=(d_out, hidden)).t())
-        shared = _shared_mlp(block)
+        shared = _shared_names(block)
         if shared is not None:
-            prefix = f"{name}.{'shared_expert' if hasattr(block, 'shared_expert') else 'shared_experts'}"
-            names = (
-                ("gate_proj", "up_proj", "down_proj") if hasattr(shared, "gate_proj") else ("w1", "w3", "w2")
-            )
+            attribute, names = shared
+            prefix = f"{name}.{attribute}"
             for mine, theirs in zip(("w1", "w3", "w2"), names):
                 weight = self._read_named(f"{prefix}.{theirs}.weight")
                 getattr(layer.shared_experts, mine).copy_(weight.t())
@@ -346,3 +359,132 @@ class _Checkpoint:
                 f"{shape}"
             )
         return value
+
+
+def save_pretrained(model: nn.Module, path: str | Path) -> Path:
+    """Write `model` (from `from_pretrained`) as the checkpoint transformers' save_pretrained would write.
+
+    Every rank of the MoE layers' group calls it. The same tensor names,
+    shapes and config as the original directory: transformers' conversion
+    rules run backwards, so Mixtral's experts go back to
+    `block_sparse_moe.experts.<g>.w1.weight`. Rank 0 writes one file for the
+    dense tensors and one per MoE layer, with an index. Experts are gathered
+    one tensor at a time, so a rank holds at most one MoE layer's experts
+    beyond its own, never the whole model. Returns the directory.
+    """
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    blocks = [(name, m) for name, m in model.named_modules() if isinstance(m, HFMoEBlock)]
+    group = blocks[0][1].layer.group if blocks else None
+    rank = dist.get_rank(group) if group is not None else 0
+    names = _DiskNames(model)
+    files: list[dict[str, Tensor]] = [{}]
+    moe_tensors = {id(t) for _, block in blocks for t in block.state_dict(keep_vars=True).values()}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) not in moe_tensors:
+            files[0][names.dense(name)] = tensor.detach().contiguous()
+    for name, block in blocks:
+        files.append(_block_tensors(name, block, names))  # collective: every rank gathers
+    if rank == 0:
+        path.mkdir(parents=True, exist_ok=True)
+        model.config.save_pretrained(path)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(path)
+        weight_map, total = {}, 0
+        for i, tensors in enumerate(files):
+            file = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
+            _drop_tied(model, tensors)
+            save_file(tensors, path / file, metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(tensors, file))
+            total += sum(t.nbytes for t in tensors.values())
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    if group is not None:
+        dist.barrier(group)
+    return path
+
+
+def _drop_tied(model: nn.Module, tensors: dict[str, Tensor]) -> None:
+    """A tied LM head is not written (transformers saves the embedding only)."""
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    if getattr(model.config, "tie_word_embeddings", False):
+        for key in tied:
+            tensors.pop(key, None)
+
+
+class _DiskNames:
+    """The model's tensor names -> the checkpoint's, by transformers' conversion rules run backwards."""
+
+    def __init__(self, model: nn.Module):
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+        conversions = get_model_conversion_mapping(model, add_legacy=False)
+        self.renamings = [c.reverse_transform() for c in conversions if isinstance(c, WeightRenaming)]
+        self.converters = [c for c in conversions if isinstance(c, WeightConverter)]
+        self._rename = rename_source_key
+
+    def dense(self, name: str) -> str:
+        return self._rename(name, self.renamings, [], reverse=True)[0]
+
+    def experts(self, name: str, count: int) -> list[list[str]] | None:
+        """For a fused expert parameter `name` ([E, ...] in memory), the checkpoint key of each part of
+        each expert g ([g][part]); None when the checkpoint keeps it fused too."""
+        for converter in self.converters:
+            (target,) = converter.target_patterns
+            if target in name and all("*" in source for source in converter.source_patterns):
+                return [
+                    [
+                        self.dense(name.replace(target, source.replace("*", str(g))))
+                        for source in converter.source_patterns
+                    ]
+                    for g in range(count)
+                ]
+        return None
+
+
+@torch.no_grad()
+def _block_tensors(name: str, block: HFMoEBlock, names: _DiskNames) -> dict[str, Tensor]:
+    """One MoE block's tensors under the checkpoint's keys; its experts gathered from every rank."""
+    from .hf import _all_gather_experts
+
+    layer = block.layer
+    if layer.placement is not None:
+        raise ValueError(f"save_pretrained: {name} holds redundant experts; apply_placement(None) first")
+    tensors = {names.dense(f"{name}.gate.weight"): layer.router.weight}
+    if layer.router.bias is not None:
+        tensors[names.dense(f"{name}.gate.bias")] = layer.router.bias
+    if layer.selection_bias is not None:
+        tensors[names.dense(f"{name}.gate.e_score_correction_bias")] = layer.selection_bias
+    E = layer.config.num_experts
+
+    def gathered(local_eXY: Tensor) -> Tensor:
+        return _all_gather_experts(local_eXY, layer.group) if layer.group is not None else local_eXY
+
+    gate_up_EXD = torch.cat(  # [E, 2I, D]: the gate rows, then the up rows, as transformers holds them
+        [gathered(layer.experts.w1).transpose(1, 2), gathered(layer.experts.w3).transpose(1, 2)], dim=1
+    )
+    down_EDI = gathered(layer.experts.w2).transpose(1, 2)
+    hidden = layer.config.d_hidden
+    for fused, value in (
+        (f"{name}.experts.gate_up_proj", gate_up_EXD),
+        (f"{name}.experts.down_proj", down_EDI),
+    ):
+        keys = names.experts(fused, E)
+        if keys is None:
+            tensors[names.dense(fused)] = value
+            continue
+        for g, parts in enumerate(keys):
+            pieces = value[g].split(hidden) if len(parts) == 2 else [value[g]]
+            tensors.update(dict(zip(parts, pieces)))
+    if block.shared_names is not None:
+        attribute, projections = block.shared_names
+        for mine, theirs in zip(("w1", "w3", "w2"), projections):
+            tensors[names.dense(f"{name}.{attribute}.{theirs}.weight")] = getattr(
+                layer.shared_experts, mine
+            ).t()
+        if layer.shared_experts.gate is not None:
+            tensors[names.dense(f"{name}.shared_expert_gate.weight")] = layer.shared_experts.gate.unsqueeze(0)
+    return {key: t.detach().contiguous() for key, t in tensors.items()}

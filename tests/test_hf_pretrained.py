@@ -6,6 +6,9 @@ perturbed so that routing is far from uniform and a nonzero selection bias
 where the family has one. Loaded with `from_pretrained` in one process and
 with its experts sharded over 2 and 4 gloo ranks: logits equal the
 transformers model's to 1e-5 and the gradient of the input embeddings to 1e-4.
+Saved back with `save_pretrained` from 2 ranks: every tensor of the original
+checkpoint, bitwise, under the same keys, and the same logits when
+transformers loads it.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from rankpool import on_ranks
 
 transformers = pytest.importorskip("transformers")
 
-from expert_parallel.hf import HFMoEBlock, from_pretrained  # noqa: E402
+from expert_parallel.hf import HFMoEBlock, from_pretrained, save_pretrained  # noqa: E402
 
 SMALL = dict(
     vocab_size=128,
@@ -181,3 +184,33 @@ def test_loading_at_ep4_reads_only_this_ranks_experts(tmp_path):
         experts_mib = 2 * 64 * 3 * 256 * 1024 * 4 / 2**20
         assert mib["held"] < experts_mib / 4 + 8  # a quarter of the experts and the small dense part
         assert mib["peak"] - mib["before"] <= 1.3 * mib["held"] + 64, mib
+
+
+def read_checkpoint(directory) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
+@on_ranks(2)
+def test_saved_back_it_is_the_original_checkpoint_bitwise(tmp_path):
+    for family in FAMILIES:
+        original, saved = tmp_path / family / "original", tmp_path / family / "saved"
+        if dist.get_rank() == 0:
+            save_tiny(original, family)
+        dist.barrier()
+        save_pretrained(from_pretrained(original, dist.group.WORLD), saved)
+        if dist.get_rank() == 0:
+            want, got = read_checkpoint(original), read_checkpoint(saved)
+            assert sorted(got) == sorted(want), family
+            for key in want:
+                assert torch.equal(got[key], want[key]), (family, key)
+            tokens = torch.randint(0, 128, (2, 11))
+            logits = [
+                transformers.AutoModelForCausalLM.from_pretrained(d).eval()(tokens).logits
+                for d in (original, saved)
+            ]
+            torch.testing.assert_close(logits[1], logits[0], rtol=1e-6, atol=1e-6)
