@@ -51,6 +51,8 @@ FAMILIES = {
     "deepseek_v3": {**GROUPED, **MLA},
     "glm4_moe": GROUPED,
     "dots1": GROUPED,
+    # Its MoE blocks; its linear-attention layers stay transformers' (4 layers: one full attention).
+    "qwen3_next": dict(num_experts=8, shared_expert_intermediate_size=16, num_hidden_layers=4),
 }
 
 
