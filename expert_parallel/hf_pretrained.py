@@ -1,4 +1,4 @@
-"""A Hugging Face MoE checkpoint loaded by shard: only the dense tensors and this rank's experts are read.
+"""A Hugging Face MoE checkpoint loaded by shard (only the dense tensors and this rank's experts), and saved.
 
 `from_pretrained(path, group)` (re-exported as `expert_parallel.hf.from_pretrained`):
 
@@ -14,6 +14,9 @@
    of the experts it holds. Checkpoint keys are mapped to the model's with
    transformers' own conversion rules (Mixtral's `block_sparse_moe.experts.3.w1`
    is the gate half of expert 3 of `mlp.experts.gate_up_proj`).
+
+`save_pretrained(model, path)` writes such a model back in its own format
+(the conversion rules run backwards), gathering experts one tensor at a time.
 
 Every parameter must come from the checkpoint, and every checkpoint tensor
 must be used (one the layer would not compute, such as a router correction
