@@ -204,8 +204,11 @@ class _Checkpoint:
     """The directory's safetensors files, keyed by the model's names (transformers' conversion rules)."""
 
     def __init__(self, path: Path, model: nn.Module):
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+        try:
+            from transformers.conversion_mapping import get_model_conversion_mapping
+            from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+        except ImportError as err:  # transformers 4.x: no conversion rules to read
+            raise ImportError("expert_parallel.hf.from_pretrained needs transformers >= 5.0") from err
 
         self.path = path
         files = self._files()
