@@ -43,9 +43,9 @@ SMALL = ModelConfig(
 )
 
 
-def run_config(out_dir, *overrides: str) -> RunConfig:
+def run_config(out_dir, *overrides: str, execution: dict | None = None) -> RunConfig:
     tree = load_toml(REPO / "configs" / "test.toml", [f"train.out_dir={out_dir}", *overrides])
-    return RunConfig.from_tree(tree)
+    return RunConfig.from_tree({**tree, "execution": execution or {}})
 
 
 def full_values(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -142,6 +142,21 @@ def test_fsdp_trains_what_ep2_trains(tmp_path):
     for case, overrides in CASES.items():
         fsdp, plain = [
             steps(run_config(tmp_path / case / kind, "parallel.ep=2", *extra, *overrides), make_layout(2), 5)
+            for kind, extra in (("fsdp", ["parallel.fsdp=true"]), ("plain", []))
+        ]
+        assert_close(fsdp, plain)
+
+
+@on_ranks(4)
+def test_fsdp_with_chunked_exchanges_and_once_per_rank_dispatch(tmp_path):
+    # The experts' FSDP unit runs once per chunk of the exchange; once per rank moves other buffers.
+    for name, execution in {"chunks": {"exchange_chunks": 2}, "once": {"dispatch": "once_per_rank"}}.items():
+        fsdp, plain = [
+            steps(
+                run_config(tmp_path / name / kind, "parallel.ep=2", *extra, execution=execution),
+                make_layout(2),
+                3,
+            )
             for kind, extra in (("fsdp", ["parallel.fsdp=true"]), ("plain", []))
         ]
         assert_close(fsdp, plain)
