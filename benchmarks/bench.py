@@ -78,6 +78,7 @@ from benchmarks import bench_peers
 from benchmarks.bench_tools import (
     SKEWS,
     PhaseTape,
+    cpu_model,
     even_splits,
     forced_expert_ids,
     plain_all_to_all_seconds,
@@ -226,10 +227,8 @@ def say(*parts: object) -> None:
 
 
 def machine() -> dict:
-    with open("/proc/cpuinfo") as handle:
-        models = [line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")]
     return {
-        "cpu": models[0] if models else "unknown",
+        "cpu": cpu_model(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cores": psutil.cpu_count(logical=True),
         "torch": torch.__version__,

@@ -19,6 +19,16 @@ import torch.distributed as dist
 SKEWS = ("router", "uniform", "zipf", "one")
 
 
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo ("unknown" where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            models = [line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")]
+    except OSError:
+        models = []
+    return models[0] if models else "unknown"
+
+
 class PhaseTape:
     """Times a forward phase by phase, then its backward phase by phase in reverse order.
 

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.bench_tools import cpu_model
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -132,11 +134,11 @@ def main() -> None:
         return
     if not (args.model / "config.json").is_file():
         save_model(args.model)
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-         if line.startswith("model name")), "unknown",
-    )  # fmt: skip
-    machine = {"cpu": cpu, "capability": torch.backends.cpu.get_cpu_capability(), "cores": os.cpu_count()}
+    machine = {
+        "cpu": cpu_model(),
+        "capability": torch.backends.cpu.get_cpu_capability(),
+        "cores": os.cpu_count(),
+    }
     print(machine, flush=True)
     results = []
     for world in (int(w) for w in args.ranks.split(",")):

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.bench_tools import cpu_model
+
 REPO = Path(__file__).resolve().parent.parent
 EXPERT_HEAVY = ["model.d_model=256", "moe.d_hidden=1024", "moe.num_experts=64"]
 LAYOUTS = [(1, 1), (2, 2), (4, 4), (4, 2)]  # (world, ep): ep = world, then dp 2 x ep 2
@@ -91,13 +93,6 @@ def step_times(rounds: int, steps: int) -> list[dict]:
                 results.append({"round": r, "fsdp": fsdp, "median_step_s": median})
                 print(results[-1], flush=True)
     return results
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def main() -> None:

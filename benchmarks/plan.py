@@ -353,6 +353,7 @@ def _measure_rank(rank: int, size: int, port: int, layer: Layer, out: str, backg
     import torch
     import torch.distributed as dist
 
+    from benchmarks.bench_tools import cpu_model
     from expert_parallel.allocator import keep_freed_memory
 
     keep_freed_memory()  # as benchmarks.bench does: page faults on fresh buffers halve the GEMM rate here
@@ -402,7 +403,8 @@ def _measure_rank(rank: int, size: int, port: int, layer: Layer, out: str, backg
             text = (
                 f"# Measured by `python -m benchmarks.plan --measure` on {size} gloo ranks x 1 thread, "
                 f"fp32,\n"
-                f"# {_cpu()}, {cores} cores, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}.\n"
+                f"# {cpu_model()}, {cores} cores, torch {torch.__version__}, "
+                f"{time.strftime('%Y-%m-%d %H:%M')}.\n"
                 f"# GEMM: the six GEMMs of one expert's training step ({rows} rows, D {d}, H {h}).\n"
                 f"# all-to-all: all_to_all_single of {sizes[0]} and {sizes[1]} rows of D per rank, the rate\n"
                 f"# from the slope; latency: one element per peer, per message. Medians, slowest rank:\n"
@@ -422,12 +424,6 @@ def _measure_rank(rank: int, size: int, port: int, layer: Layer, out: str, backg
             print(text, end="")
     finally:
         dist.destroy_process_group()
-
-
-def _cpu() -> str:
-    with open("/proc/cpuinfo") as handle:
-        models = [line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")]
-    return models[0] if models else "unknown CPU"
 
 
 def runnable_elsewhere(seconds: float = 3.0) -> float:

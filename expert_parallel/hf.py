@@ -62,20 +62,24 @@ def from_hf_block(block: nn.Module, group=None, *, name: str | None = None, **ov
     was. Its forward returns an MoEOutput whose `out` is the block's output
     tensor (blocks of transformers 4.x also return router logits; the layer does not).
     """
-    execution_fields = {f.name for f in fields(ExecutionConfig)}
-    execution = ExecutionConfig(**{k: v for k, v in overrides.items() if k in execution_fields})
-    config = _config_from_block(block, {k: v for k, v in overrides.items() if k not in execution_fields})
+    execution, moe_overrides = _split_overrides(overrides)
+    config = _config_from_block(block, moe_overrides)
     with torch.random.fork_rng(devices=[]):
         layer = MoELayer(config, group, execution=execution, name=name)
     weight = block.gate.weight
-    layer.to(device=weight.device, dtype=weight.dtype)
-    if getattr(layer, "selection_bias", None) is not None:
-        layer.selection_bias = layer.selection_bias.float()
+    layer.to(device=weight.device, dtype=weight.dtype)  # the selection bias stays fp32 (MoELayer._apply)
     with torch.no_grad():
         for mine, theirs in _paired_tensors(layer, block, layer.first_expert, layer.num_local_experts):
             mine.copy_(theirs)
     _check_routing(block, layer)
     return layer
+
+
+def _split_overrides(overrides: dict) -> tuple[ExecutionConfig, dict]:
+    """(the ExecutionConfig of the overrides naming its fields, the rest: MoEConfig fields)."""
+    execution_fields = {f.name for f in fields(ExecutionConfig)}
+    execution = ExecutionConfig(**{k: v for k, v in overrides.items() if k in execution_fields})
+    return execution, {k: v for k, v in overrides.items() if k not in execution_fields}
 
 
 def copy_to_hf_block(layer: MoELayer, block: nn.Module, *, gather: bool = False) -> None:

@@ -33,14 +33,12 @@ from __future__ import annotations
 import json
 import re
 from contextlib import contextmanager
-from dataclasses import fields
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from .config import ExecutionConfig
-from .hf import _check_routing, _config_from_block, _shared_mlp
+from .hf import _check_routing, _config_from_block, _shared_mlp, _split_overrides
 from .layer import MoELayer
 
 _EXPERT_INDEX = re.compile(r"\.experts\.(\d+)\.")
@@ -89,9 +87,7 @@ def from_pretrained(
     with _parameters_on_meta():
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, trust_remote_code=trust_remote_code)
     reader = _Checkpoint(path, model)
-    execution_fields = {f.name for f in fields(ExecutionConfig)}
-    execution = ExecutionConfig(**{k: v for k, v in overrides.items() if k in execution_fields})
-    moe_overrides = {k: v for k, v in overrides.items() if k not in execution_fields}
+    execution, moe_overrides = _split_overrides(overrides)
     blocks = [(name, m) for name, m in model.named_modules() if _is_moe_block(m)]
     if not blocks:
         raise ValueError(
@@ -101,10 +97,8 @@ def from_pretrained(
         config = _config_from_block(block, moe_overrides)
         with torch.device("meta"), torch.random.fork_rng(devices=[]):
             layer = MoELayer(config, group, execution=execution, name=name)
+        layer.to(dtype)  # on meta, so that no fp32 copy is ever allocated; the selection bias stays fp32
         layer.to_empty(device="cpu")
-        layer.to(dtype)
-        if layer.selection_bias is not None:
-            layer.selection_bias = layer.selection_bias.float()
         reader.load_layer(name, block, layer)
         _check_router_tensors(name, block, layer)
         _materialize(block.gate)
@@ -228,9 +222,6 @@ class _Checkpoint:
             expert = _EXPERT_INDEX.search(key)
             slot = (int(expert.group(1)) if expert else None, part)
             self.expert_keys.setdefault(target, {})[slot] = (key, file)
-        for target, slots in self.expert_keys.items():  # a fused tensor on disk: no expert index
-            if all(expert is None for expert, _ in slots):
-                self.keys.setdefault(target, next(iter(slots.values())))
         self.used: set[str] = set()  # checkpoint keys read, or left to other ranks (their experts)
 
     def check_all_used(self) -> None:
@@ -270,7 +261,12 @@ class _Checkpoint:
             raise ValueError(f"{file}: cannot be read as safetensors ({err})") from err
 
     def read(self, key: str, file: Path, rows: slice | None = None) -> Tensor:
-        """One tensor (or rows of its first dimension) from one file."""
+        """One tensor (or rows of its first dimension) from one file.
+
+        NOTE: the file is opened for each tensor, so that its mapping is dropped
+        at once: the pages a read touches would otherwise count in this rank's
+        RSS until the end of the load, once more the bytes it holds.
+        """
         self.used.add(key)
         with self._open(file) as f:
             try:
@@ -302,10 +298,8 @@ class _Checkpoint:
 
     @torch.no_grad()
     def _copy(self, name: str, target: Tensor) -> None:
-        if name not in self.keys:
-            raise ValueError(f"{self.path}: the checkpoint has no tensor for {name!r}")
+        value = self._read_named(name)
         key, file = self.keys[name]
-        value = self.read(key, file)
         if value.shape != target.shape:
             raise ValueError(
                 f"{file}: tensor {key!r} has shape {tuple(value.shape)}, the config makes {name!r} "
@@ -350,7 +344,7 @@ class _Checkpoint:
         on disk, or expert g's per-expert tensors, their parts joined on dim 0."""
         slots = self.expert_keys.get(target) or {}
         self.used.update(key for key, _ in slots.values())  # other ranks read the others' experts
-        if target in self.keys and all(e is None for e, _ in slots):
+        if not slots and target in self.keys:  # fused on disk too
             key, file = self.keys[target]
             value = self.read(key, file, slice(g, g + 1))[0]
         else:
