@@ -29,8 +29,9 @@ def keep_freed_memory() -> str:
     of this project's machines (2 gloo ranks) the layer ran at 1.24-1.27 x
     its dense floor with glibc's defaults and 0.97-1.02 with this; on an
     AVX2 EPYC the two were equal within the noise, because the floor pays the
-    faults too (BENCHMARKS.md "Allocator"). The trainer
-    calls it unless train.keep_freed_memory = false; the benchmarks too.
+    faults too (BENCHMARKS.md "Allocator"). The trainer calls it unless
+    train.keep_freed_memory = false (its default is off under FSDP, whose
+    buffers fragment the kept heap: docs/large-models.md); the benchmarks too.
     Any such mallopt also ends glibc's dynamic threshold adjustment for the
     process. Returns what it did, for the log.
     """

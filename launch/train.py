@@ -479,11 +479,12 @@ class Trainer:
         """This rank's memory figures, and for each the worst rank's value and which rank that is."""
         mine = {**self.memory, "peak_rss_mib": memory.peak_rss_mib()}
         names = list(mine)
-        per_rank = torch.tensor([[float(mine[n]) for n in names]], dtype=torch.float64)
-        if self.layout.world > 1:
+        per_rank = torch.tensor([[float(mine[n]) for n in names]], dtype=torch.float64, device=self.device)
+        if self.layout.world > 1:  # NOTE: on the device, which NCCL needs of every buffer
             gathered = [torch.empty_like(per_rank) for _ in range(self.layout.world)]
-            dist.all_gather(gathered, per_rank.to(self.device))
-            per_rank = torch.cat([g.cpu() for g in gathered])
+            dist.all_gather(gathered, per_rank)
+            per_rank = torch.cat(gathered)
+        per_rank = per_rank.cpu()
         summary: dict = dict(mine)
         for i, name in enumerate(names):
             worst = int(per_rank[:, i].argmax())
