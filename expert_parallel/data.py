@@ -69,7 +69,8 @@ def split_files(files: list[Path], val_fraction: float = 0.05) -> tuple[list[Pat
 
 @dataclass(frozen=True)
 class ByteCorpus:
-    """data: uint8 [N], the bytes of the files joined with SEPARATOR; num_files: how many files."""
+    """data: [N] token ids: here uint8, the bytes of the files joined with SEPARATOR (launch.finetune
+    also fills one with a tokenizer's int32 ids); num_files: how many files."""
 
     data: Tensor
     num_files: int

@@ -69,10 +69,15 @@ def from_pretrained(
     *,
     dtype: torch.dtype | None = None,
     trust_remote_code: bool = False,
+    stats_group=None,
     **overrides,
 ) -> nn.Module:
     """The checkpoint's transformers model with every MoE block an MoELayer holding this rank's experts.
 
+    `group`: the ranks the experts are sharded over (None: all experts here).
+    `stats_group`: the ranks whose routing statistics the layers sum, for the
+    "global_batch" aux loss and selection-bias updates: every rank that sees
+    other tokens (the world under dp x ep; MoELayer's `stats_group`).
     `dtype`: of the parameters (default: the config's `dtype`, else float32).
     `overrides`: MoEConfig fields (capacity_factor, aux_loss_coef, aux_loss_scope, ...)
     or ExecutionConfig fields (dispatch, ...), as for `from_hf_block`.
@@ -96,7 +101,7 @@ def from_pretrained(
     for name, block in blocks:
         config = _config_from_block(block, moe_overrides)
         with torch.device("meta"), torch.random.fork_rng(devices=[]):
-            layer = MoELayer(config, group, execution=execution, name=name)
+            layer = MoELayer(config, group, stats_group, execution=execution, name=name)
         layer.to(dtype)  # on meta, so that no fp32 copy is ever allocated; the selection bias stays fp32
         layer.to_empty(device="cpu")
         reader.load_layer(name, block, layer)
@@ -384,7 +389,9 @@ def save_pretrained(model: nn.Module, path: str | Path) -> Path:
     moe_tensors = {id(t) for _, block in blocks for t in block.state_dict(keep_vars=True).values()}
     for name, tensor in model.state_dict(keep_vars=True).items():
         if id(tensor) not in moe_tensors:
-            files[0][names.dense(name)] = tensor.detach().contiguous()
+            whole = _whole(tensor)  # collective under FSDP: every rank, in the same order
+            if rank == 0:
+                files[0][names.dense(name)] = whole
     for name, block in blocks:
         files.append(_block_tensors(name, block, names))  # collective: every rank gathers
     if rank == 0:
@@ -461,6 +468,7 @@ def _block_tensors(name: str, block: HFMoEBlock, names: _DiskNames) -> dict[str,
     E = layer.config.num_experts
 
     def gathered(local_eXY: Tensor) -> Tensor:
+        local_eXY = _whole(local_eXY)  # this ep rank's experts, from their FSDP shards over dp
         return _all_gather_experts(local_eXY, layer.group) if layer.group is not None else local_eXY
 
     gate_up_EXD = torch.cat(  # [E, 2I, D]: the gate rows, then the up rows, as transformers holds them
@@ -487,4 +495,13 @@ def _block_tensors(name: str, block: HFMoEBlock, names: _DiskNames) -> dict[str,
             ).t()
         if layer.shared_experts.gate is not None:
             tensors[names.dense(f"{name}.shared_expert_gate.weight")] = layer.shared_experts.gate.unsqueeze(0)
-    return {key: t.detach().contiguous() for key, t in tensors.items()}
+    return {key: _whole(t) for key, t in tensors.items()}
+
+
+def _whole(tensor: Tensor) -> Tensor:
+    """A detached, contiguous tensor of the full value: an FSDP DTensor gathered from its shards."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(tensor, DTensor):
+        tensor = tensor.full_tensor()
+    return tensor.detach().contiguous()

@@ -238,15 +238,7 @@ class Trainer:
         self.fsdp = parallel.fsdp
         bf16 = train.dtype == "bf16"
         torch.manual_seed(train.seed)
-        # On the meta device, then only this rank's experts (and FSDP shards) get memory.
-        self.model = build_model(
-            config.model,
-            layout,
-            device,
-            execution=config.execution,
-            fsdp=parallel.fsdp,
-            param_dtype=torch.bfloat16 if bf16 and parallel.fsdp else None,
-        )
+        self.model = self.build(param_dtype=torch.bfloat16 if bf16 and parallel.fsdp else None)
         # Without FSDP, bf16 is autocast: fp32 weights and optimizer, bf16 GEMMs.
         self.autocast_dtype = torch.bfloat16 if bf16 and not parallel.fsdp else None
         self.model.activation_checkpointing = train.activation_checkpointing
@@ -278,13 +270,34 @@ class Trainer:
             "build_peak_rss_mib": memory.peak_rss_mib(),
             "param_bytes_local": memory.param_bytes_local(self.model),
         }
-        self.train_corpus, self.val_corpus = data.load_corpus(max_bytes=train.max_corpus_bytes)
+        self.train_corpus, self.val_corpus = self.load_corpora()
         self.out_dir = Path(train.out_dir)
         self.step = 0
         found = checkpoint.latest(self.out_dir / "checkpoints")
         if found is not None:
             self.step = checkpoint.load(found, self.model, self.optimizer)
             self.say(f"resumed from {found} (step {self.step})")
+
+    @property
+    def seq_len(self) -> int:
+        """Tokens each training sequence predicts."""
+        return self.config.model.seq_len
+
+    def build(self, param_dtype: torch.dtype | None) -> Transformer:
+        """The model: on the meta device, then only this rank's experts (and FSDP shards) get memory."""
+        parallel = self.config.parallel
+        return build_model(
+            self.config.model,
+            self.layout,
+            self.device,
+            execution=self.config.execution,
+            fsdp=parallel.fsdp,
+            param_dtype=param_dtype,
+        )
+
+    def load_corpora(self) -> tuple[data.ByteCorpus, data.ByteCorpus]:
+        """(train, validation) token streams: the standard library's bytes."""
+        return data.load_corpus(max_bytes=self.config.train.max_corpus_bytes)
 
     def autocast(self):
         """bf16 autocast where train.dtype = "bf16" without FSDP; else a no-op context."""
@@ -315,9 +328,7 @@ class Trainer:
         moe_layers = [layer for _, layer in self.model.moe_layers()]
         for layer in moe_layers:  # evaluation's exchanges are not this step's
             layer.exchange_clock.reset()
-        batch = data.global_batch(
-            self.train_corpus, self.step, train.global_batch, self.config.model.seq_len, train.seed
-        )
+        batch = data.global_batch(self.train_corpus, self.step, train.global_batch, self.seq_len, train.seed)
         mine = data.micro_batches(batch, self.rank, layout.world, train.micro_batch)
         lm_sum, aux_sum, dropped, routed = 0.0, 0.0, 0, 0
         load_E = [torch.zeros(layer.config.num_experts, dtype=torch.float64) for layer in moe_layers]
@@ -370,7 +381,7 @@ class Trainer:
         seconds, peak_rss, exchange_s = self.all_max(
             [time.perf_counter() - started, memory.peak_rss_mib(), exchange_s]
         )
-        tokens = train.global_batch * self.config.model.seq_len
+        tokens = train.global_batch * self.seq_len
         return {
             "step": self.step,
             "loss": totals[0] / self.micro_batches_per_step,
@@ -412,9 +423,7 @@ class Trainer:
         """Mean next-byte loss over fixed validation batches, split across the ranks."""
         train, world = self.config.train, self.layout.world
         size = train.micro_batch
-        batches = data.val_batches(
-            self.val_corpus, train.eval_batches * world, size, self.config.model.seq_len
-        )
+        batches = data.val_batches(self.val_corpus, train.eval_batches * world, size, self.seq_len)
         self.model.eval()
         hooked = self.before_forward is not None  # a hook may have forced the routing
         forced = [(layer, layer.forced_expert_ids) for _, layer in self.model.moe_layers()] if hooked else []
@@ -441,7 +450,7 @@ class Trainer:
         with open(metrics_path, "a") if self.rank == 0 else _NullFile() as metrics:
             while self.step < train.steps:
                 row = self.train_step()
-                tokens_done += train.global_batch * self.config.model.seq_len
+                tokens_done += train.global_batch * self.seq_len
                 if self.step % train.eval_every == 0 or self.step == train.steps:
                     row["val_loss"] = val_loss = self.evaluate()
                 metrics.write(json.dumps(row) + "\n")
@@ -495,9 +504,7 @@ class Trainer:
     def log(self, row: dict, started: float, tokens_done: int) -> None:
         elapsed = time.perf_counter() - started
         rate = tokens_done / elapsed
-        remaining = (
-            (self.config.train.steps - self.step) * self.config.train.global_batch * self.config.model.seq_len
-        )
+        remaining = (self.config.train.steps - self.step) * self.config.train.global_batch * self.seq_len
         val = f"  val {row['val_loss']:.4f}" if "val_loss" in row else ""
         self.say(
             f"step {self.step:5d}/{self.config.train.steps}  loss {row['loss']:.4f}{val}  "
@@ -539,8 +546,13 @@ def main(argv: list[str]) -> int:
     return run_training(RunConfig.from_tree(load_toml(args.config, args.overrides)))
 
 
-def run_training(config: RunConfig, before_forward: BeforeForward | None = None) -> int:
-    """Set up the process group (under torchrun), train, tear it down; the exit code."""
+def run_training(
+    config: RunConfig, before_forward: BeforeForward | None = None, trainer_class: type[Trainer] = Trainer
+) -> int:
+    """Set up the process group (under torchrun), train, tear it down; the exit code.
+
+    `trainer_class`: Trainer, or a subclass with its own model and corpora (launch.finetune).
+    """
     device = torch.device("cpu")
     if "WORLD_SIZE" in os.environ:  # under torchrun
         timeout = timedelta(seconds=config.parallel.timeout_s)
@@ -553,13 +565,13 @@ def run_training(config: RunConfig, before_forward: BeforeForward | None = None)
         allocator = keep_freed_memory()
     try:
         layout = make_layout(config.parallel.ep, device.type)
-        trainer = Trainer(config, layout, device, before_forward=before_forward)
+        trainer = trainer_class(config, layout, device, before_forward=before_forward)
         trainer.say(f"allocator: {allocator}")
         trainer.say(
             f"{layout.world} rank(s): dp {layout.dp} x ep {layout.ep}; "
             f"{trainer.model.num_params() / 1e6:.2f}M parameters, "
             f"{trainer.model.num_params(active_only=True) / 1e6:.2f}M active per token; "
-            f"corpus {len(trainer.train_corpus):,} train / {len(trainer.val_corpus):,} validation bytes"
+            f"corpus {len(trainer.train_corpus):,} train / {len(trainer.val_corpus):,} validation tokens"
         )
         summary = trainer.run()
         trainer.say(
