@@ -121,6 +121,10 @@ def from_pretrained(
     _materialize(model)
     reader.load_dense(model)
     reader.check_all_used()
+    if (path / "generation_config.json").is_file():  # as transformers' from_pretrained: not the config's
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(path)
     model.eval()
     return model
 
