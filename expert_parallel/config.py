@@ -17,8 +17,11 @@ from pathlib import Path
 SCORE_FUNCS = ("softmax", "sigmoid")
 DROP_POLICIES = ("position", "probs")
 ACTIVATIONS = ("relu", "gelu", "silu", "swiglu")
+# The experts' choices: also GPT-OSS's clamped SwiGLU (not offered to the dense feed-forward).
+EXPERT_ACTIVATIONS = (*ACTIVATIONS, "clamped_swiglu")
+GATED_ACTIVATIONS = ("swiglu", "clamped_swiglu")  # with a second input projection w3
 AUX_LOSS_SCOPES = ("micro_batch", "global_batch", "sequence")
-DISPATCH_MODES = ("per_assignment", "once_per_rank")
+DISPATCH_MODES = ("per_assignment", "once_per_rank", "fixed")
 GEMMS = ("auto", "loop", "grouped_mm")
 
 
@@ -31,12 +34,19 @@ class MoEConfig:
     num_experts: E, the global expert count.      top_k: K choices per token.
     score_func: "softmax" (over all E) or "sigmoid" (per expert).
     normalize_weights: rescale the K chosen scores to sum to 1.
+    normalize_min: with normalize_weights, divide the K chosen scores by
+        max(their sum, normalize_min) (ERNIE-4.5's moe_norm_min); 0 divides by
+        the sum itself (for softmax: a softmax over the K chosen logits).
     capacity_factor: C = max(min_capacity, ceil(capacity_factor * T * K / E))
         assignments kept per expert, T = tokens in the call on this rank;
         None means dropless (every assignment kept).
     drop_policy: which assignments an over-full expert keeps:
         "position" (choice rank, then token index) or "probs" (highest score).
-    activation: "relu", "gelu", "silu", or "swiglu" (act(x@w1) * (x@w3)) @ w2.
+    activation: "relu", "gelu", "silu", or "swiglu" (act(x@w1) * (x@w3)) @ w2;
+        or "clamped_swiglu" (GPT-OSS): with a = x@w1, u = x@w3, c = min(a, swiglu_limit),
+        (c * sigmoid(swiglu_alpha * c) * (clamp(u, -swiglu_limit, swiglu_limit) + 1)) @ w2.
+    swiglu_alpha, swiglu_limit: the two constants of "clamped_swiglu" (GPT-OSS:
+        1.702 and 7.0); required by it, None for every other activation.
     bias: experts carry biases.        router_bias: the router Linear has a bias.
     aux_loss_coef, z_loss_coef: weights of the load-balancing and z losses in
         the layer's `MoEOutput.aux_loss`.
@@ -61,6 +71,11 @@ class MoEConfig:
         of width num_shared_experts * d_shared_hidden, replicated on every rank.
     shared_expert_gate: scale the shared output by sigmoid(x @ g) (Qwen2-MoE).
     router_jitter: eps; in training the router sees x * U(1 - eps, 1 + eps).
+    scale_expert_input: each chosen expert sees x * weight and the outputs are
+        summed unweighted, out = sum_k expert_k(weight_k * x) (Llama 4), instead
+        of sum_k weight_k * expert_k(x). The weight's gradient flows through the
+        expert. Under once_per_rank dispatch each (token, expert) pair then
+        travels as its own row (its input differs from expert to expert).
     eval_capacity_factor: the capacity factor outside training (None: as in
         training). A factor >= num_experts / top_k never drops.
 
@@ -79,10 +94,13 @@ class MoEConfig:
     d_out: int | None = None
     score_func: str = "softmax"
     normalize_weights: bool = True
+    normalize_min: float = 0.0
     capacity_factor: float | None = None
     min_capacity: int = 4
     drop_policy: str = "position"
     activation: str = "relu"
+    swiglu_alpha: float | None = None
+    swiglu_limit: float | None = None
     bias: bool = True
     router_bias: bool = True
     aux_loss_coef: float = 0.01
@@ -98,6 +116,7 @@ class MoEConfig:
     shared_expert_gate: bool = False
     router_jitter: float = 0.0
     eval_capacity_factor: float | None = None
+    scale_expert_input: bool = False
 
     def __post_init__(self) -> None:
         for name in ("d_model", "d_hidden", "num_experts", "top_k"):
@@ -110,10 +129,12 @@ class MoEConfig:
             raise ValueError(f"MoEConfig.top_k={self.top_k} exceeds num_experts={self.num_experts}")
         _check_choice("score_func", self.score_func, SCORE_FUNCS)
         _check_choice("drop_policy", self.drop_policy, DROP_POLICIES)
-        _check_choice("activation", self.activation, ACTIVATIONS)
+        _check_choice("activation", self.activation, EXPERT_ACTIVATIONS)
+        self._check_clamped_swiglu()
         _check_choice("aux_loss_scope", self.aux_loss_scope, AUX_LOSS_SCOPES)
         self._check_routing_features()
-        for name in ("normalize_weights", "bias", "router_bias", "selection_bias", "shared_expert_gate"):
+        bools = ("normalize_weights", "bias", "router_bias", "selection_bias", "shared_expert_gate")
+        for name in (*bools, "scale_expert_input"):
             check_bool("MoEConfig", name, getattr(self, name))
         if self.capacity_factor is not None:
             _check_real("capacity_factor", self.capacity_factor)
@@ -126,9 +147,32 @@ class MoEConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"MoEConfig.{name} must be >= 0, got {getattr(self, name)!r}")
 
+    def _check_clamped_swiglu(self) -> None:
+        constants = ("swiglu_alpha", "swiglu_limit")
+        if self.activation != "clamped_swiglu":
+            given = [name for name in constants if getattr(self, name) is not None]
+            if given:
+                raise ValueError(
+                    f"MoEConfig.{given[0]}={getattr(self, given[0])!r} is a constant of "
+                    f"activation='clamped_swiglu', not of activation={self.activation!r}"
+                )
+            return
+        for name in constants:
+            value = getattr(self, name)
+            if value is None:
+                raise ValueError(f"MoEConfig.{name} is required by activation='clamped_swiglu'")
+            _check_real(name, value)
+            if not value > 0:
+                raise ValueError(f"MoEConfig.{name} must be > 0, got {value!r}")
+
     def _check_routing_features(self) -> None:
-        for name in ("routed_scaling_factor", "selection_bias_rate", "router_jitter"):
+        for name in ("routed_scaling_factor", "selection_bias_rate", "router_jitter", "normalize_min"):
             _check_real(name, getattr(self, name))
+        if self.normalize_min < 0 or (self.normalize_min > 0 and not self.normalize_weights):
+            raise ValueError(
+                f"MoEConfig.normalize_min={self.normalize_min!r} must be >= 0, "
+                f"and > 0 only with normalize_weights=true"
+            )
         if not self.routed_scaling_factor > 0:
             raise ValueError(
                 f"MoEConfig.routed_scaling_factor must be > 0, got {self.routed_scaling_factor!r}"
@@ -207,9 +251,16 @@ class ExecutionConfig:
     dispatch: what one all-to-all row carries under expert parallelism:
         "per_assignment" (each kept (token, expert) pair) or "once_per_rank"
         (each token once per destination rank, expanded to its experts there,
-        whose weighted outputs are summed there and sent back as one row).
-        Both give the same outputs and gradients (to rounding); see
-        docs/dispatch.md for which is faster where.
+        whose weighted outputs are summed there and sent back as one row),
+        or "fixed" (for decoding: C padded slots per (rank, expert), C a token
+        bound every rank knows, so no count exchange and no host sync: one
+        equal-split all-to-all each way; C = the forward's `tokens_per_rank`,
+        else its own token count, which must then be equal on every rank).
+        All give the same outputs and gradients (to rounding); see
+        docs/dispatch.md for which is faster where. Under "per_assignment" or
+        "once_per_rank" the layer picks "fixed" by itself for an eval forward
+        without gradients whose caller states a small agreed token bound
+        (Transformer.decode's decode steps; dispatchers.for_call has the rule).
     exchange_chunks: under "per_assignment" dispatch, each rank's local
         experts form this many chunks (at most one per local expert), whose
         all-to-alls and expert GEMMs are pipelined: chunk c's experts compute
@@ -239,7 +290,7 @@ class ExecutionConfig:
         if self.exchange_chunks > 1 and self.dispatch != "per_assignment":
             raise ValueError(
                 f"ExecutionConfig.exchange_chunks={self.exchange_chunks} needs dispatch='per_assignment' "
-                f"(once_per_rank rows carry several experts each, so they cannot be chunked by expert)"
+                f"(once_per_rank rows carry several experts each, and fixed slots travel in one exchange)"
             )
 
     def to_dict(self) -> dict:

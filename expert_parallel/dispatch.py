@@ -7,7 +7,7 @@ sorted by expert id, D input width, O output width, P ranks, e local experts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -94,6 +94,30 @@ def combine(y_RO: Tensor, weights_TK: Tensor, plan: DispatchPlan) -> Tensor:
         y_RO = F.pad(y_RO, (0, 0, 0, 1))  # the zero row that dropped slots point at
     slots_TKO = y_RO.index_select(0, plan.row_N).view(plan.num_tokens, plan.top_k, y_RO.shape[-1])
     return torch.bmm(weights_TK.to(y_RO.dtype).unsqueeze(1), slots_TKO).squeeze(1)
+
+
+def scaled_assignments(x_TD: Tensor, routing: Routing) -> tuple[Tensor, Routing]:
+    """Weights on the experts' input (MoEConfig.scale_expert_input): (x_ND, routing_N1).
+
+    Each slot n = t * K + k becomes a token of its own, x_t * weight_tk,
+    routed to its expert alone with weight 1 (0 where dropped), so any
+    dispatcher and `combine` carry it unchanged; `sum_choices` of the
+    combined [N, O] gives out_t = sum_k expert_k(weight_tk * x_t).
+    """
+    num_tokens, top_k = routing.expert_ids.shape
+    x_TKD = x_TD.unsqueeze(1) * routing.weights.to(x_TD.dtype).unsqueeze(-1)
+    keep_N1 = routing.keep.reshape(-1, 1)
+    return x_TKD.reshape(num_tokens * top_k, x_TD.shape[-1]), replace(
+        routing,
+        expert_ids=routing.expert_ids.reshape(-1, 1),
+        weights=keep_N1.to(routing.weights.dtype),
+        keep=keep_N1,
+    )
+
+
+def sum_choices(out_NO: Tensor, top_k: int) -> Tensor:
+    """[T * K, O] (slot n = t * K + k) -> [T, O]: each token's K outputs summed, in k order."""
+    return out_NO.view(-1, top_k, out_NO.shape[-1]).sum(dim=1)
 
 
 def source_to_expert_order(rows_Pe: list[list[int]], device: torch.device) -> Tensor:

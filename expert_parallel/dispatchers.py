@@ -1,6 +1,6 @@
 """Dispatchers: how routed rows reach the ranks holding their experts, and how the outputs come back.
 
-One interface, three ways of moving tokens:
+One interface, four ways of moving tokens:
 
     counts = dispatcher.exchange_counts(x, routing, problem, device)   # None without a group
     chunks, record = dispatcher.dispatch(x_TD, routing, counts)
@@ -14,6 +14,10 @@ One interface, three ways of moving tokens:
 - RankDispatcher: each token travels once to each rank holding one of its
   experts, is expanded to those experts there, and their weighted outputs
   come back summed into one row.
+- FixedDispatcher: for decoding. C padded slots per (rank, expert), C a token
+  bound every rank knows, so there is no count exchange and no host sync:
+  one equal-split all-to-all each way. `for_call` picks it by itself for a
+  small, agreed token bound at eval time.
 
 `chunks` is lazy: chunk c's rows are waited for only when the experts reach
 it, and `combine` starts sending chunk c's outputs back before it asks for
@@ -30,7 +34,8 @@ layer's statistics stay logical.
 
 Legend: T tokens, D d_model, O d_out, K choices, N = T * K slots, E' physical
 experts (P * e), e local experts, P ranks, R rows this rank sends, S rows it
-receives for its experts, A (row, expert) assignments on the expert's rank.
+receives for its experts, A (row, expert) assignments on the expert's rank,
+C slots per (source rank, expert) under the fixed dispatch.
 """
 
 from __future__ import annotations
@@ -334,6 +339,142 @@ class _RankRecord:
     rows_sent_away: int
 
 
+@dataclass(frozen=True)
+class FixedCounts:
+    """The fixed dispatch's counts: C slots per (source rank, physical expert), the same on every
+    rank by construction (an agreed token bound), so nothing is exchanged."""
+
+    capacity: int
+
+
+class FixedDispatcher:
+    """Decode dispatch: C slots per (source rank, physical expert), one equal-split all-to-all each way.
+
+    C is a bound on the tokens of this call that every rank of the group holds
+    without asking the others: `tokens_per_rank` (the caller's, the same value
+    on every rank), or else this rank's own token count, which must then be
+    the same on every rank. A token's K choices are distinct experts, so a
+    rank sends at most T <= C rows to one expert: nothing is ever dropped,
+    even with every token of every rank on one expert (P * C rows there).
+    Each rank sends E' * C rows, its kept assignments in their slots and zero
+    rows elsewhere, and receives [P, e, C] rows, which its experts run as
+    batched GEMMs over [e, P * C] (Experts.padded); the outputs go back the
+    same way and each token gathers its own slots.
+
+    No count all-gather, no all-reduce, no host sync: every size is known on
+    the host from C, E' and P. What that costs: E' / K times the rows of the
+    per-assignment exchange and a GEMM over every local expert's P * C slots,
+    which is why the layer picks it by itself only for small bounds (`for_call`).
+    The autograd all-to-all makes it differentiable: outputs and gradients
+    equal the other dispatchers' to rounding.
+
+    Without a count exchange no status travels either: bad input on one rank
+    raises there, before any exchange, and its peers raise CollectiveError
+    when it leaves the group (or at the group's timeout). A dead peer makes
+    the all-to-all fail with CollectiveError, as on every path.
+    """
+
+    def __init__(
+        self,
+        layout: ExpertLayout,
+        execution: ExecutionConfig,
+        group,
+        where: str,
+        clock: comm.ExchangeClock,
+        tokens_per_rank: int | None = None,
+    ):
+        self.layout, self.execution, self.group = layout, execution, group
+        self.where, self.clock, self.tokens_per_rank = where, clock, tokens_per_rank
+
+    def exchange_counts(
+        self, x: object, routing: Routing | None, problem, device: torch.device
+    ) -> FixedCounts:
+        """C, from the bound alone; raises this rank's problem at once (there is no exchange to carry it)."""
+        if problem is not None:
+            raise problem[0](f"{self.where}: {problem[1]}")
+        # NOTE: tokens of the input, not rows of `routing`: with weights on the experts' input
+        # each (token, choice) is a row of its own, and still at most T rows reach one expert.
+        num_tokens = x.numel() // x.shape[-1]
+        capacity = num_tokens if self.tokens_per_rank is None else self.tokens_per_rank
+        if num_tokens > capacity:
+            raise ValueError(
+                f"{self.where}: {num_tokens} tokens on this rank, over the fixed dispatch's bound of "
+                f"{capacity} tokens per rank (tokens_per_rank): every rank must stay within the bound"
+            )
+        cap = self.execution.max_tokens_per_expert
+        if cap is not None and self.layout.size * capacity > cap:
+            raise ValueError(
+                f"{self.where}: the fixed dispatch gives every expert {self.layout.size} x {capacity} "
+                f"slots, over ExecutionConfig.max_tokens_per_expert={cap}: lower the token bound"
+            )
+        return FixedCounts(capacity)
+
+    def dispatch(
+        self, x_TD: Tensor, routing: Routing, counts: FixedCounts
+    ) -> tuple[list[ExpertRows], _FixedRecord]:
+        size, e, capacity = self.layout.size, self.layout.num_local_experts, counts.capacity
+        # Expert e' fills slots e' * C ... e' * C + C - 1; experts are numbered rank-major, so
+        # destination p's slots are one contiguous block of e * C rows.
+        plan = plan_padded(self.layout.physical(routing), capacity)
+        x_RD = permute_padded(x_TD, plan).view(size * e * capacity, x_TD.shape[-1])
+        splits = [e * capacity] * size
+        x_SD = comm.all_to_all(x_RD, splits, splits, self.group, "fixed dispatch", self.clock)
+        width = x_TD.shape[-1]
+        x_eSD = x_SD.view(size, e, capacity, width).transpose(0, 1).reshape(e, size * capacity, width)
+        record = _FixedRecord(routing.weights, plan, splits, (size - 1) * e * capacity)
+        return [ExpertRows(x_eSD, None)], record
+
+    def combine(self, y_chunks: Iterable[Tensor], record: _FixedRecord) -> Tensor:
+        (y_eSO,) = list(y_chunks)
+        size, e, capacity = self.layout.size, self.layout.num_local_experts, record.plan.capacity
+        width = y_eSO.shape[-1]
+        y_SO = y_eSO.view(e, size, capacity, width).transpose(0, 1).reshape(size * e * capacity, width)
+        y_RO = comm.all_to_all(y_SO, record.splits, record.splits, self.group, "fixed combine", self.clock)
+        return combine_padded(y_RO.view(size * e, capacity, width), record.weights_TK, record.plan)
+
+
+@dataclass(frozen=True)
+class _FixedRecord:
+    weights_TK: Tensor
+    plan: PaddedPlan
+    splits: list[int]
+    rows_sent_away: int  # padded slots: every slot for another rank travels, filled or not
+
+
+# NOTE: E' * C padded rows per rank and exchange. Measured on 2 gloo ranks (benchmarks.decode,
+# 8 experts, d_model 256): the fixed step was faster up to 64 rows, even at 128, slower beyond,
+# where the padded GEMMs cost more than the count exchange saves. Not measured on NCCL.
+AUTO_FIXED_MAX_ROWS = 128
+
+
+def for_call(dispatcher, tokens_per_rank: int | None, *, training: bool, grad_enabled: bool):
+    """The dispatcher of one forward: the layer's own, or the fixed dispatch for a small decode step.
+
+    ExecutionConfig.dispatch "fixed": always the fixed dispatch, with C =
+    `tokens_per_rank` if given, else the call's own tokens. Otherwise the
+    fixed dispatch is picked when all of these hold, each the same on every
+    rank, so that every rank picks alike with no exchange:
+    - the caller states `tokens_per_rank`, a bound on every rank's tokens in
+      this call (Transformer.decode passes its batch bound for decode steps);
+    - the layer is in eval mode and gradients are off (never in training:
+      there T is large and the padding would cost E' / K times the rows);
+    - the padded exchange is small: E' * tokens_per_rank <= AUTO_FIXED_MAX_ROWS;
+    - with ExecutionConfig.max_tokens_per_expert, P * tokens_per_rank is within it.
+    """
+    if isinstance(dispatcher, LocalDispatcher) or tokens_per_rank is None:
+        return dispatcher
+    layout, execution = dispatcher.layout, dispatcher.execution
+    if not isinstance(dispatcher, FixedDispatcher):
+        cap = execution.max_tokens_per_expert
+        small = layout.size * layout.num_local_experts * tokens_per_rank <= AUTO_FIXED_MAX_ROWS
+        within_cap = cap is None or layout.size * tokens_per_rank <= cap
+        if training or grad_enabled or not small or not within_cap:
+            return dispatcher
+    return FixedDispatcher(
+        layout, execution, dispatcher.group, dispatcher.where, dispatcher.clock, tokens_per_rank
+    )
+
+
 def make_dispatcher(
     layout: ExpertLayout, execution: ExecutionConfig, group, where: str, clock: comm.ExchangeClock
 ):
@@ -342,6 +483,8 @@ def make_dispatcher(
         return LocalDispatcher(layout, execution, where)
     if execution.dispatch == "once_per_rank":
         return RankDispatcher(layout, execution, group, where, clock)
+    if execution.dispatch == "fixed":
+        return FixedDispatcher(layout, execution, group, where, clock)
     return AllToAllDispatcher(layout, execution, group, where, clock)
 
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import GEMMS, MoEConfig
+from .config import GATED_ACTIVATIONS, GEMMS, MoEConfig
 from .materialize import holds, write_held
 
 _ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "swiglu": F.silu}
@@ -151,12 +152,66 @@ _ACTIVATION_BACKWARD = {  # d act(a) / d a applied to a gradient: the kernels au
 }
 
 
+@dataclass(frozen=True)
+class Activation:
+    """The experts' nonlinearity on a = x @ w1 + b1 and, when gated, u = x @ w3 + b3.
+
+    "relu", "gelu", "silu": h = act(a). Gated, h = act(a) * lift(u):
+    "swiglu": act = silu, lift(u) = u;
+    "clamped_swiglu" (GPT-OSS): act(a) = c * sigmoid(alpha * c) with c = min(a, limit),
+    lift(u) = clamp(u, -limit, limit) + 1.
+    The backward methods run the kernels autograd runs for the forward ones,
+    so the fused MLP's gradients equal the unfused path's bit for bit.
+    """
+
+    name: str
+    alpha: float | None = None
+    limit: float | None = None
+
+    @staticmethod
+    def of(config: MoEConfig) -> Activation:
+        return Activation(config.activation, config.swiglu_alpha, config.swiglu_limit)
+
+    @property
+    def gated(self) -> bool:
+        return self.name in GATED_ACTIVATIONS
+
+    def __call__(self, a: Tensor, u: Tensor | None = None) -> Tensor:
+        h = self.act(a)
+        return h if u is None else h * self.lift(u)
+
+    def act(self, a: Tensor) -> Tensor:
+        if self.name != "clamped_swiglu":
+            return _ACTIVATIONS[self.name](a)
+        c = a.clamp(max=self.limit)
+        return c * torch.sigmoid(c * self.alpha)
+
+    def lift(self, u: Tensor) -> Tensor:
+        return u if self.name != "clamped_swiglu" else u.clamp(-self.limit, self.limit) + 1
+
+    def act_backward(self, grad: Tensor, a: Tensor) -> Tensor:
+        """d act(a) / d a applied to `grad`."""
+        if self.name != "clamped_swiglu":
+            return _ACTIVATION_BACKWARD[self.name](grad, a)
+        c = a.clamp(max=self.limit)
+        s = torch.sigmoid(c * self.alpha)
+        # The two paths into c (the product and the sigmoid's input) add up, in either order alike.
+        dc = grad * s + torch.ops.aten.sigmoid_backward(grad * c, s) * self.alpha
+        return torch.where(a <= self.limit, dc, 0)  # NOTE: zero where clamped, as clamp's own backward
+
+    def lift_backward(self, grad: Tensor, u: Tensor) -> Tensor:
+        """d lift(u) / d u applied to `grad`."""
+        if self.name != "clamped_swiglu":
+            return grad
+        return torch.where((u >= -self.limit) & (u <= self.limit), grad, 0)
+
+
 class _ExpertMLP(torch.autograd.Function):
-    """out_g = act(x_g @ w1[g] + b1[g]) [* (x_g @ w3[g] + b3[g])] @ w2[g] + b2[g], one expert at a time.
+    """out_g = activation(x_g @ w1[g] + b1[g] [, x_g @ w3[g] + b3[g]]) @ w2[g] + b2[g], one expert at a time.
 
     The same GEMMs as three _LoopLinear calls, but the hidden activations
     live one expert at a time: the forward keeps only the pre-activations
-    a [R, H] (and u [R, H] for swiglu), and the backward rebuilds each
+    a [R, H] (and u [R, H] when gated), and the backward rebuilds each
     expert's act(a) and runs its gradients through [rows of g, H] buffers.
     NOTE: the unfused path holds act(a), and in the backward dh and da, for
     all local experts at once: 2-4 more [R, H] tensors at the peak.
@@ -164,18 +219,15 @@ class _ExpertMLP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_RD, rows_per_expert, activation, w1_eDH, b1_eH, w3_eDH, b3_eH, w2_eHO, b2_eO):
-        act = _ACTIVATIONS[activation]
         num_rows, hidden = x_RD.shape[0], w1_eDH.shape[2]
         a_RH = x_RD.new_empty((num_rows, hidden))
         u_RH = x_RD.new_empty((num_rows, hidden)) if w3_eDH is not None else None
         y_RO = x_RD.new_empty((num_rows, w2_eHO.shape[2]))
         for g, x_gD, a_gH, y_gO, u_gH in _groups(rows_per_expert, x_RD, a_RH, y_RO, u_RH):
             _linear_into(a_gH, x_gD, w1_eDH[g], b1_eH, g)
-            h_gH = act(a_gH)
             if u_gH is not None:
                 _linear_into(u_gH, x_gD, w3_eDH[g], b3_eH, g)
-                h_gH = h_gH * u_gH
-            _linear_into(y_gO, h_gH, w2_eHO[g], b2_eO, g)
+            _linear_into(y_gO, activation(a_gH, u_gH), w2_eHO[g], b2_eO, g)
         ctx.save_for_backward(x_RD, a_RH, u_RH, w1_eDH, w3_eDH, w2_eHO)
         ctx.rows_per_expert, ctx.activation = rows_per_expert, activation
         ctx.has_bias = b1_eH is not None
@@ -189,33 +241,33 @@ class _ExpertMLP(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, dy_RO: Tensor):
         x_RD, a_RH, u_RH, w1_eDH, w3_eDH, w2_eHO = ctx.saved_tensors
-        rows, act = ctx.rows_per_expert, _ACTIVATIONS[ctx.activation]
-        act_backward = _ACTIVATION_BACKWARD[ctx.activation]
+        rows, activation = ctx.rows_per_expert, ctx.activation
         dy_RO = dy_RO.contiguous()  # NOTE: an upstream sum() hands in an expanded (stride-0) gradient
         want_x = ctx.needs_input_grad[0]
         want = dict(zip(("w1", "b1", "w3", "b3", "w2", "b2"), ctx.needs_input_grad[3:]))
-        swiglu, bias = w3_eDH is not None, ctx.has_bias
+        gated, bias = w3_eDH is not None, ctx.has_bias
         dx_RD = torch.empty_like(x_RD) if want_x else None
         # Weight gradients: each expert's slice written once; experts with no rows zeroed at the end.
         dw1 = torch.empty_like(w1_eDH) if want["w1"] else None
         dw2 = torch.empty_like(w2_eHO) if want["w2"] else None
-        dw3 = torch.empty_like(w3_eDH) if swiglu and want["w3"] else None
+        dw3 = torch.empty_like(w3_eDH) if gated and want["w3"] else None
         db1 = dy_RO.new_empty(w1_eDH.shape[::2]) if bias and want["b1"] else None
         db2 = dy_RO.new_empty(w2_eHO.shape[::2]) if bias and want["b2"] else None
-        db3 = dy_RO.new_empty(w1_eDH.shape[::2]) if bias and swiglu and want["b3"] else None
+        db3 = dy_RO.new_empty(w1_eDH.shape[::2]) if bias and gated and want["b3"] else None
         for g, x_gD, a_gH, dy_gO, u_gH, dx_gD in _groups(rows, x_RD, a_RH, dy_RO, u_RH, dx_RD):
-            act_gH = act(a_gH)
-            h_gH = act_gH * u_gH if swiglu else act_gH
+            act_gH = activation.act(a_gH)
+            lift_gH = activation.lift(u_gH) if gated else None
+            h_gH = act_gH * lift_gH if gated else act_gH
             if dw2 is not None:
                 torch.mm(h_gH.t(), dy_gO, out=dw2[g])
             if db2 is not None:
                 torch.sum(dy_gO, dim=0, out=db2[g])
             dh_gH = torch.mm(dy_gO, w2_eHO[g].t())
             du_gH = None
-            if swiglu:
-                du_gH = dh_gH * act_gH
-                dh_gH = dh_gH * u_gH
-            da_gH = act_backward(dh_gH, a_gH)
+            if gated:
+                du_gH = activation.lift_backward(dh_gH * act_gH, u_gH)
+                dh_gH = dh_gH * lift_gH
+            da_gH = activation.act_backward(dh_gH, a_gH)
             if dw1 is not None:
                 torch.mm(x_gD.t(), da_gH, out=dw1[g])
             if db1 is not None:
@@ -226,7 +278,7 @@ class _ExpertMLP(torch.autograd.Function):
                 torch.sum(du_gH, dim=0, out=db3[g])
             if dx_gD is not None:
                 torch.mm(da_gH, w1_eDH[g].t(), out=dx_gD)
-                if swiglu:
+                if gated:
                     dx_gD.addmm_(du_gH, w3_eDH[g].t())
         empty = [g for g, n in enumerate(rows) if n == 0]
         for grad in (dw1, db1, dw3, db3, dw2, db2):
@@ -321,7 +373,8 @@ def _use_grouped_mm(x_RI: Tensor, w_eIJ: Tensor, gemm: str) -> bool:
 
 class Experts(nn.Module):
     """e experts with stacked weights: w1 [e, D, H], b1 [e, H], w2 [e, H, O], b2 [e, O];
-    swiglu adds w3 [e, D, H] (and b3 [e, H] with biases): out = (silu(x@w1) * (x@w3)) @ w2.
+    a gated activation adds w3 [e, D, H] (and b3 [e, H] with biases), e.g. swiglu:
+    out = (silu(x@w1) * (x@w3)) @ w2 (see Activation).
 
     `gemm` ("auto", "loop" or "grouped_mm") picks grouped_linear's kernel; a
     plain attribute, so that a benchmark or test can set it on a built layer.
@@ -335,11 +388,11 @@ class Experts(nn.Module):
             raise ValueError(f"Experts: gemm={gemm!r}, expected one of {GEMMS}")
         e, d, h, o = num_local_experts, config.d_model, config.d_hidden, config.d_out
         self.num_local_experts = e
-        self.activation = config.activation
+        self.activation = Activation.of(config)
         self.gemm = gemm
         self.w1 = nn.Parameter(torch.empty(e, d, h))
         self.w2 = nn.Parameter(torch.empty(e, h, o))
-        self.w3 = nn.Parameter(torch.empty(e, d, h)) if config.activation == "swiglu" else None
+        self.w3 = nn.Parameter(torch.empty(e, d, h)) if self.activation.gated else None
         self.b1 = nn.Parameter(torch.empty(e, h)) if config.bias else None
         self.b2 = nn.Parameter(torch.empty(e, o)) if config.bias else None
         self.b3 = nn.Parameter(torch.empty(e, h)) if config.bias and self.w3 is not None else None
@@ -364,10 +417,8 @@ class Experts(nn.Module):
         def linear(x_RI: Tensor, w_eIJ: Tensor, b_eJ: Tensor | None) -> Tensor:
             return grouped_linear(x_RI, w_eIJ, b_eJ, rows_per_expert, self.gemm)
 
-        h_RH = _ACTIVATIONS[self.activation](linear(x_RD, w1, b1))
-        if w3 is not None:
-            h_RH = h_RH * linear(x_RD, w3, b3)
-        return linear(h_RH, w2, b2)
+        u_RH = linear(x_RD, w3, b3) if w3 is not None else None
+        return linear(self.activation(linear(x_RD, w1, b1), u_RH), w2, b2)
 
     def padded(self, x_eCD: Tensor) -> Tensor:
         """[e, C, D] -> [e, C, O]: every expert over its C rows (padding included) as batched GEMMs.
@@ -383,10 +434,8 @@ class Experts(nn.Module):
                 return torch.bmm(x_eCI, w_eIJ)
             return torch.baddbmm(b_eJ.unsqueeze(1), x_eCI, w_eIJ)
 
-        h_eCH = _ACTIVATIONS[self.activation](linear(x_eCD, w1, b1))
-        if w3 is not None:
-            h_eCH = h_eCH * linear(x_eCD, w3, b3)
-        return linear(h_eCH, w2, b2)
+        u_eCH = linear(x_eCD, w3, b3) if w3 is not None else None
+        return linear(self.activation(linear(x_eCD, w1, b1), u_eCH), w2, b2)
 
     @torch.no_grad()
     def reset_expert(self, local_id: int, generator: torch.Generator) -> None:
@@ -405,7 +454,7 @@ class Experts(nn.Module):
                 uniform_(param, bound, generator, index=local_id)
 
     def extra_repr(self) -> str:
-        return f"{self.num_local_experts} experts, {self.activation}, gemm={self.gemm}"
+        return f"{self.num_local_experts} experts, {self.activation.name}, gemm={self.gemm}"
 
 
 def uniform_(tensor: Tensor, bound: float, generator: torch.Generator, index: int | None = None) -> None:

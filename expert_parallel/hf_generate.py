@@ -12,6 +12,11 @@ prompts. Two things can break that:
   until every rank is done (an all-reduce of a flag per step);
 - a rank without prompts runs a one-token dummy prompt and returns nothing.
 
+Its one-token decode steps tell the MoE layers a bound on every rank's
+tokens (the most prompts of any rank, one all-reduce before generating), so
+the layers take the fixed dispatch for them: one all-to-all each way per
+layer, no count exchange (`layer.Inference`, dispatchers.for_call).
+
 Prompts of different lengths are left-padded into one batch with an
 attention mask, and each prompt gets back its own new tokens.
 
@@ -20,11 +25,14 @@ Legend: B prompts on this rank, S the longest prompt.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from .hf_pretrained import HFMoEBlock
+from .layer import Inference
 
 
 @torch.no_grad()
@@ -52,11 +60,46 @@ def generate(model: nn.Module, prompts: list[Tensor], **generate_kwargs) -> list
         ids_BS[i, S - prompt.numel() :] = prompt.to(device)
         mask_BS[i, S - prompt.numel() :] = 1
     kwargs = {"pad_token_id": pad, **generate_kwargs}
-    out = model.generate(ids_BS, attention_mask=mask_BS, synced_gpus=sharded, **kwargs)
+    layers = [m.layer for m in model.modules() if isinstance(m, HFMoEBlock)]
+    with _decode_bound(layers, _most_prompts(len(batch), layers, sharded)):
+        out = model.generate(ids_BS, attention_mask=mask_BS, synced_gpus=sharded, **kwargs)
     if not prompts:
         return []
     eos = generate_kwargs.get("eos_token_id", model.generation_config.eos_token_id)
     return [_until_end(row[S:], eos) for row in out]
+
+
+def _most_prompts(mine: int, layers: list, sharded: bool) -> int:
+    """The most prompts any rank of the layers' group decodes (one all-reduce when sharded)."""
+    if not sharded:
+        return mine
+    most = torch.tensor([mine], dtype=torch.long, device=layers[0].router.weight.device)
+    dist.all_reduce(most, op=dist.ReduceOp.MAX, group=layers[0].group)
+    return int(most)
+
+
+@contextmanager
+def _decode_bound(layers: list, batch_bound: int):
+    """Within the block, every call of an MoE layer after its first (the prefill) is a decode step
+    of one token per sequence, and is told that no rank has more than `batch_bound` tokens in it.
+
+    NOTE: told by the call's place, not by its shape: a rank whose prompts are one token long
+    has a prefill shaped like a decode step, and every rank must pick the same dispatch.
+    """
+    calls: dict[int, int] = {}
+
+    def bound(module, args, kwargs):
+        calls[id(module)] = calls.get(id(module), 0) + 1
+        if calls[id(module)] == 1:
+            return args, kwargs
+        return args, {**kwargs, "inference": Inference(tokens_per_rank=batch_bound)}
+
+    handles = [layer.register_forward_pre_hook(bound, with_kwargs=True) for layer in layers]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _pad_id(model: nn.Module) -> int:

@@ -6,8 +6,8 @@
    `trust_remote_code=True`) and builds the transformers model of the
    checkpoint's own class with every parameter on the meta device (buffers,
    such as rotary frequencies, are computed as usual);
-2. swaps every MoE block (a module with a `gate` router and `experts`) for an
-   `MoELayer` over `group` holding this rank's experts (`HFMoEBlock`);
+2. swaps every MoE block (a module with a `gate` or `router` and `experts`)
+   for an `MoELayer` over `group` holding this rank's experts (`HFMoEBlock`);
 3. reads the `*.safetensors` files (through the index where there is one) one
    tensor at a time: each dense tensor whole, and of the experts only this
    rank's, as slices of a fused `[E, ...]` tensor or as the per-expert tensors
@@ -15,8 +15,19 @@
    transformers' own conversion rules (Mixtral's `block_sparse_moe.experts.3.w1`
    is the gate half of expert 3 of `mlp.experts.gate_up_proj`).
 
+What is read of a block, as `hf.from_hf_block` reads it: the router's `weight`
+(and `bias`: GPT-OSS), its selection-only bias where the block keeps one
+(`gate.e_score_correction_bias`: DeepSeek-V3's family; the block's own
+`e_score_correction_bias`: MiniMax-M2; `gate.moe_statics.e_score_correction_bias`
+`[1, E]`: ERNIE-4.5-MoE), the experts' fused `gate_up_proj` and `down_proj` in
+their layout (`FusedLayout`: transposed for Llama 4 and GPT-OSS, interleaved
+for GPT-OSS) with `gate_up_proj_bias` and `down_proj_bias` where they have
+biases, and the shared experts (`shared_expert`, `shared_experts`, with
+`shared_expert_gate`).
+
 `save_pretrained(model, path)` writes such a model back in its own format
-(the conversion rules run backwards), gathering experts one tensor at a time.
+(the conversion rules run backwards, each block's tensors in its own layout,
+shapes and dtypes), gathering experts one tensor at a time.
 
 Every parameter must come from the checkpoint, and every checkpoint tensor
 must be used (one the layer would not compute, such as a router correction
@@ -30,37 +41,76 @@ Legend: E experts, e local experts, D hidden size, I expert hidden width.
 
 from __future__ import annotations
 
+import ast
+import inspect
 import json
 import re
+import textwrap
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from .hf import _check_routing, _config_from_block, _shared_mlp, _split_overrides
+from .hf import (
+    FusedLayout,
+    _check_routing,
+    _config_from_block,
+    _shared_mlp,
+    _split_overrides,
+    fused_layout,
+    router_linear_name,
+    router_name,
+    router_of,
+    selection_bias_name,
+    shared_attribute,
+    tensor_at,
+)
 from .layer import MoELayer
 
 _EXPERT_INDEX = re.compile(r"\.experts\.(\d+)\.")
 
 
+@dataclass(frozen=True)
+class BlockFormat:
+    """How a replaced transformers block held its tensors, for save_pretrained to write them back
+    under the same keys, shapes and dtypes, and what its decoder layer takes back from it.
+
+    router: the module holding the router's weight (and bias), relative to the block:
+        "gate", "router" (GPT-OSS, Llama 4, Granite-MoE) or "gate.wg" (Hunyuan-MoE).
+    selection_bias: the selection bias's name relative to the block (None: none), its
+        shape ([E], or ERNIE-4.5's [1, E]) and dtype.
+    layout: of the fused experts.
+    shared: (attribute, (gate, up, down) projection names) of the shared experts, or None.
+    returns_pair: the block's forward returns (hidden_states, router output), which its
+        decoder layer unpacks (GPT-OSS, Llama 4).
+    """
+
+    router: str
+    selection_bias: tuple[str, tuple[int, ...], torch.dtype] | None
+    layout: FusedLayout
+    shared: tuple[str, tuple[str, str, str]] | None
+    returns_pair: bool
+
+
 class HFMoEBlock(nn.Module):
-    """An MoELayer in a transformers model's place of an MoE block: hidden_states -> hidden_states.
+    """An MoELayer in a transformers model's place of an MoE block: hidden_states -> hidden_states
+    (or, where the replaced block returned a pair, (hidden_states, None): see BlockFormat).
 
     transformers' decoder layer takes the block's output tensor only, so the
     layer's aux loss and statistics of the last forward are not returned to it;
     call `self.layer` directly for the whole MoEOutput.
     """
 
-    def __init__(self, layer: MoELayer, shared: tuple[str, tuple[str, str, str]] | None = None):
+    def __init__(self, layer: MoELayer, block_format: BlockFormat):
         super().__init__()
         self.layer = layer
-        # The replaced block's names for its shared experts: (attribute, (gate, up, down) projections),
-        # so that save_pretrained writes them back under the same keys.
-        self.shared_names = shared
+        self.format = block_format
 
-    def forward(self, hidden_states: Tensor) -> Tensor:
-        return self.layer(hidden_states).out
+    def forward(self, hidden_states: Tensor) -> Tensor | tuple[Tensor, None]:
+        out = self.layer(hidden_states).out
+        return (out, None) if self.format.returns_pair else out
 
 
 def from_pretrained(
@@ -96,18 +146,23 @@ def from_pretrained(
     blocks = [(name, m) for name, m in model.named_modules() if _is_moe_block(m)]
     if not blocks:
         raise ValueError(
-            f"{path}: {type(model).__name__} has no MoE block (a module with `gate` and `experts`)"
+            f"{path}: {type(model).__name__} has no MoE block (a module with `gate` or `router`, and "
+            f"`experts`)"
         )
     for name, block in blocks:
-        config = _config_from_block(block, moe_overrides)
+        try:
+            config = _config_from_block(block, moe_overrides)
+            block_format = _block_format(block)
+        except ValueError as err:
+            raise ValueError(f"{path}: the MoE block at {name}: {err}") from err
         with torch.device("meta"), torch.random.fork_rng(devices=[]):
             layer = MoELayer(config, group, stats_group, execution=execution, name=name)
         layer.to(dtype)  # on meta, so that no fp32 copy is ever allocated; the selection bias stays fp32
         layer.to_empty(device="cpu")
-        reader.load_layer(name, block, layer)
+        reader.load_layer(name, layer, block_format)
         _check_router_tensors(name, block, layer)
-        _materialize(block.gate)
-        reader.load_into(f"{name}.gate", block.gate)
+        _materialize(router_of(block))
+        reader.load_into(f"{name}.{router_name(block)}", router_of(block))
         try:
             _check_routing(block, layer)
         except TypeError as err:  # a router whose forward takes more than the hidden states
@@ -115,9 +170,7 @@ def from_pretrained(
                 f"{type(block).__name__} at {name}: its router cannot be checked ({err})"
             ) from err
         parent, _, child = name.rpartition(".")
-        setattr(
-            model.get_submodule(parent) if parent else model, child, HFMoEBlock(layer, _shared_names(block))
-        )
+        setattr(model.get_submodule(parent) if parent else model, child, HFMoEBlock(layer, block_format))
     _materialize(model)
     reader.load_dense(model)
     reader.check_all_used()
@@ -130,10 +183,15 @@ def from_pretrained(
 
 
 def _check_router_tensors(name: str, block: nn.Module, layer: MoELayer) -> None:
-    """Refuse a router holding a tensor the layer has no place for (ERNIE-4.5's `moe_statics` bias)."""
-    known = {"weight"} | ({"bias"} if layer.router.bias is not None else set())
-    known |= {"e_score_correction_bias"} if layer.selection_bias is not None else set()
-    other = sorted(set(block.gate.state_dict(keep_vars=True)) - known)
+    """Refuse a router holding a tensor the layer has no place for."""
+    prefix = f"{router_name(block)}."
+    linear = router_linear_name(block).removeprefix(router_name(block)).removeprefix(".")
+    known = {f"{linear}.weight".lstrip(".")}
+    known |= {f"{linear}.bias".lstrip(".")} if layer.router.bias is not None else set()
+    bias = selection_bias_name(block)
+    if layer.selection_bias is not None and bias.startswith(prefix):
+        known.add(bias.removeprefix(prefix))
+    other = sorted(set(router_of(block).state_dict(keep_vars=True)) - known)
     if other:
         raise ValueError(
             f"{type(block).__name__} at {name}: its router holds {other}, which the MoE layer does not "
@@ -179,21 +237,61 @@ def _materialize(module: nn.Module) -> None:
             owner._parameters[name] = new
 
 
+def _block_format(block: nn.Module) -> BlockFormat:
+    where = type(block).__name__
+    if not hasattr(block.experts, "gate_up_proj"):
+        raise ValueError(
+            f"{where}: from_pretrained reads fused experts (gate_up_proj), as transformers 5 has"
+        )
+    bias = selection_bias_name(block)
+    if bias is not None:
+        tensor = tensor_at(block, bias)
+        bias = (bias, tuple(tensor.shape), tensor.dtype)
+    return BlockFormat(
+        router=router_linear_name(block),
+        selection_bias=bias,
+        layout=fused_layout(block.experts, where),
+        shared=_shared_names(block),
+        returns_pair=_returns_pair(block),
+    )
+
+
 def _shared_names(block: nn.Module) -> tuple[str, tuple[str, str, str]] | None:
     """(attribute, (gate, up, down) projection names) of a block's shared experts; None without them."""
     shared = _shared_mlp(block)
     if shared is None:
         return None
-    attribute = "shared_expert" if getattr(block, "shared_expert", None) is not None else "shared_experts"
     names = ("gate_proj", "up_proj", "down_proj") if hasattr(shared, "gate_proj") else ("w1", "w3", "w2")
-    return attribute, names
+    return shared_attribute(block), names
+
+
+def _returns_pair(block: nn.Module) -> bool:
+    """Whether every `return` of the block's forward returns two values (GPT-OSS and Llama 4 return
+    (hidden_states, router output), which their decoder layers unpack).
+
+    NOTE: read from the forward's source: nothing else on a block says so, and a
+    pair where a tensor is expected, or the reverse, would be unpacked along the
+    batch dimension. No source (compiled, generated code): a tensor.
+    """
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(type(block).forward)))
+    except (OSError, TypeError, SyntaxError):
+        return False
+    (function,) = tree.body
+    returns, pending = [], list(function.body)
+    while pending:  # the forward's own statements, not those of functions defined inside it
+        node = pending.pop()
+        if isinstance(node, ast.Return):
+            returns.append(node.value)
+        elif not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+            pending.extend(ast.iter_child_nodes(node))
+    return bool(returns) and all(isinstance(v, ast.Tuple) and len(v.elts) == 2 for v in returns)
 
 
 def _is_moe_block(module: nn.Module) -> bool:
     experts = getattr(module, "experts", None)
-    return getattr(module, "gate", None) is not None and (
-        hasattr(experts, "gate_up_proj") or isinstance(experts, nn.ModuleList)
-    )
+    has_router = any(getattr(module, n, None) is not None for n in ("gate", "router"))
+    return has_router and (hasattr(experts, "gate_up_proj") or isinstance(experts, nn.ModuleList))
 
 
 def _config_dtype(hf_config) -> torch.dtype:
@@ -317,30 +415,39 @@ class _Checkpoint:
         target.copy_(value)
 
     @torch.no_grad()
-    def load_layer(self, name: str, block: nn.Module, layer: MoELayer) -> None:
+    def load_layer(self, name: str, layer: MoELayer, block_format: BlockFormat) -> None:
         """The router, selection bias, this rank's experts and the shared experts of one block."""
-        self._copy(f"{name}.gate.weight", layer.router.weight)
+        self._copy(f"{name}.{block_format.router}.weight", layer.router.weight)
         if layer.router.bias is not None:
-            self._copy(f"{name}.gate.bias", layer.router.bias)
+            self._copy(f"{name}.{block_format.router}.bias", layer.router.bias)
         if layer.selection_bias is not None:
-            self._copy(f"{name}.gate.e_score_correction_bias", layer.selection_bias)
-        first, count = layer.first_expert, layer.num_local_experts
+            bias, shape, _ = block_format.selection_bias
+            self._copy(f"{name}.{bias}", layer.selection_bias.view(shape))
+        first, count, layout = layer.first_expert, layer.num_local_experts, block_format.layout
         hidden, d_model, d_out = layer.config.d_hidden, layer.config.d_model, layer.config.d_out
         gate_up, down = f"{name}.experts.gate_up_proj", f"{name}.experts.down_proj"
+        gate_up_shape = (d_model, 2 * hidden) if layout.transposed else (2 * hidden, d_model)
+        down_shape = (hidden, d_out) if layout.transposed else (d_out, hidden)
         # NOTE: one expert at a time, so that no more than one expert's tensor is ever read but not placed.
         for j, g in enumerate(range(first, first + count)):
-            gate_up_XD = self._expert(gate_up, g, parts=2, shape=(2 * hidden, d_model))  # [2I, D]
-            layer.experts.w1[j].copy_(gate_up_XD[:hidden].t())
-            layer.experts.w3[j].copy_(gate_up_XD[hidden:].t())
-            layer.experts.w2[j].copy_(self._expert(down, g, parts=1, shape=(d_out, hidden)).t())
-        shared = _shared_names(block)
-        if shared is not None:
-            attribute, names = shared
+            w1_DI, w3_DI = layout.split(self._expert(gate_up, g, parts=2, shape=gate_up_shape))
+            layer.experts.w1[j].copy_(w1_DI)
+            layer.experts.w3[j].copy_(w3_DI)
+            layer.experts.w2[j].copy_(layout.w2(self._expert(down, g, parts=1, shape=down_shape)))
+            if layout.bias:
+                b1_I, b3_I = layout.split_pair(
+                    self._expert(f"{gate_up}_bias", g, parts=1, shape=(2 * hidden,))
+                )
+                layer.experts.b1[j].copy_(b1_I)
+                layer.experts.b3[j].copy_(b3_I)
+                layer.experts.b2[j].copy_(self._expert(f"{down}_bias", g, parts=1, shape=(d_out,)))
+        if block_format.shared is not None:
+            attribute, names = block_format.shared
             prefix = f"{name}.{attribute}"
             for mine, theirs in zip(("w1", "w3", "w2"), names):
                 weight = self._read_named(f"{prefix}.{theirs}.weight")
                 getattr(layer.shared_experts, mine).copy_(weight.t())
-            if getattr(block, "shared_expert_gate", None) is not None:
+            if layer.shared_experts.gate is not None:
                 layer.shared_experts.gate.copy_(self._read_named(f"{name}.shared_expert_gate.weight")[0])
 
     def _read_named(self, name: str) -> Tensor:
@@ -464,26 +571,30 @@ def _block_tensors(name: str, block: HFMoEBlock, names: _DiskNames) -> dict[str,
     layer = block.layer
     if layer.placement is not None:
         raise ValueError(f"save_pretrained: {name} holds redundant experts; apply_placement(None) first")
-    tensors = {names.dense(f"{name}.gate.weight"): layer.router.weight}
+    block_format = block.format
+    tensors = {names.dense(f"{name}.{block_format.router}.weight"): layer.router.weight}
     if layer.router.bias is not None:
-        tensors[names.dense(f"{name}.gate.bias")] = layer.router.bias
+        tensors[names.dense(f"{name}.{block_format.router}.bias")] = layer.router.bias
     if layer.selection_bias is not None:
-        tensors[names.dense(f"{name}.gate.e_score_correction_bias")] = layer.selection_bias
+        bias, shape, dtype = block_format.selection_bias
+        tensors[names.dense(f"{name}.{bias}")] = layer.selection_bias.view(shape).to(dtype)
     E = layer.config.num_experts
 
     def gathered(local_eXY: Tensor) -> Tensor:
         local_eXY = _whole(local_eXY)  # this ep rank's experts, from their FSDP shards over dp
         return _all_gather_experts(local_eXY, layer.group) if layer.group is not None else local_eXY
 
-    gate_up_EXD = torch.cat(  # [E, 2I, D]: the gate rows, then the up rows, as transformers holds them
-        [gathered(layer.experts.w1).transpose(1, 2), gathered(layer.experts.w3).transpose(1, 2)], dim=1
-    )
-    down_EDI = gathered(layer.experts.w2).transpose(1, 2)
+    layout, experts = block_format.layout, layer.experts
+    fused_tensors = [  # in the block's layout, e.g. gate_up_proj [E, 2I, D]: the gate rows, then the up rows
+        (f"{name}.experts.gate_up_proj", layout.join(gathered(experts.w1), gathered(experts.w3))),
+        (f"{name}.experts.down_proj", layout.down(gathered(experts.w2))),
+    ]
+    if layout.bias:
+        gate_up_bias_EX = layout.join_pair(gathered(experts.b1), gathered(experts.b3))
+        tensors[names.dense(f"{name}.experts.gate_up_proj_bias")] = gate_up_bias_EX
+        tensors[names.dense(f"{name}.experts.down_proj_bias")] = gathered(experts.b2)
     hidden = layer.config.d_hidden
-    for fused, value in (
-        (f"{name}.experts.gate_up_proj", gate_up_EXD),
-        (f"{name}.experts.down_proj", down_EDI),
-    ):
+    for fused, value in fused_tensors:
         keys = names.experts(fused, E)
         if keys is None:
             tensors[names.dense(fused)] = value
@@ -491,8 +602,8 @@ def _block_tensors(name: str, block: HFMoEBlock, names: _DiskNames) -> dict[str,
         for g, parts in enumerate(keys):
             pieces = value[g].split(hidden) if len(parts) == 2 else [value[g]]
             tensors.update(dict(zip(parts, pieces)))
-    if block.shared_names is not None:
-        attribute, projections = block.shared_names
+    if block_format.shared is not None:
+        attribute, projections = block_format.shared
         for mine, theirs in zip(("w1", "w3", "w2"), projections):
             tensors[names.dense(f"{name}.{attribute}.{theirs}.weight")] = getattr(
                 layer.shared_experts, mine

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import warnings
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
@@ -18,7 +18,8 @@ from torch import Tensor, nn
 
 from . import comm
 from .config import ExecutionConfig, MoEConfig
-from .dispatchers import ExpertLayout, GroupCounts, make_dispatcher
+from .dispatch import scaled_assignments, sum_choices
+from .dispatchers import ExpertLayout, GroupCounts, for_call, make_dispatcher
 from .experts import Experts, uniform_
 from .placement import Placement
 from .router import Routing, route, switch_aux_loss
@@ -52,6 +53,24 @@ class MoEOutput(NamedTuple):
     out: Tensor
     aux_loss: Tensor
     stats: RoutingStats
+
+
+class Inference(NamedTuple):
+    """What an inference caller (Transformer.decode) tells a forward about itself.
+
+    capacity_factor: replaces MoEConfig.capacity_factor and eval_capacity_factor
+        for this call; None (the default) routes dropless. Generation routes
+        dropless: with a capacity, a later token can push an earlier one out of
+        a full expert, so decoding with a KV cache could not equal the forward
+        over the whole sequence.
+    tokens_per_rank: a bound on the tokens of this call on every rank of the
+        group, the same value on all of them (a decode step: the batch bound).
+        With it, an eval forward without gradients may use the fixed dispatch
+        (dispatchers.for_call); a rank over the bound raises ValueError.
+    """
+
+    capacity_factor: float | None = None
+    tokens_per_rank: int | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -171,15 +190,24 @@ class MoELayer(nn.Module):
         if self.selection_bias is not None:
             self.selection_bias.zero_()
 
-    def forward(self, x: Tensor, choices_before_E: Tensor | None = None) -> MoEOutput:
+    def forward(
+        self, x: Tensor, choices_before_E: Tensor | None = None, *, inference: Inference | None = None
+    ) -> MoEOutput:
         """x [..., D] -> MoEOutput. choices_before_E [E]: this rank's choices in the step's earlier
-        micro-batches, for aux_loss_scope "global_batch" (None: this is the first)."""
+        micro-batches, for aux_loss_scope "global_batch" (None: this is the first).
+        inference: an inference caller's capacity factor and token bound (Inference)."""
         problem = _input_problem(x, self.config, self.router.weight)
         key = self._forward_key()
         decision = self._recomputing(key)
-        x_TD, routing, problem = self._route(x, problem, decision)
+        x_TD, routing, problem = self._route(x, problem, decision, inference)
+        dispatcher = for_call(
+            self.dispatcher,
+            None if inference is None else inference.tokens_per_rank,
+            training=self.training,
+            grad_enabled=torch.is_grad_enabled(),
+        )
         out_TO, rows_away, counts = self._in_graph_or_not(self._count_dispatch_combine, routing)(
-            x, x_TD, routing, problem, decision and decision.counts
+            dispatcher, x, x_TD, routing, problem, decision and decision.counts
         )
         if self.shared_experts is not None:
             out_TO = out_TO + self.shared_experts(x_TD)
@@ -203,15 +231,16 @@ class MoELayer(nn.Module):
             ),
         )
 
-    def _route(self, x: Tensor, problem, decision: _Decision | None):
+    def _route(self, x: Tensor, problem, decision: _Decision | None, inference: Inference | None = None):
         """(x_TD, routing, None), or (None, None, problem) for an input the layer cannot take."""
         if problem is not None:
             return None, None, problem
         x_TD = x.reshape(-1, self.config.d_model)
+        config = self.config if inference is None else _routing_with(self.config, inference.capacity_factor)
         try:
             routing = route(
                 self._router_logits(x_TD),
-                self.config,
+                config,
                 self.forced_expert_ids,
                 selection_bias_E=self.selection_bias,
                 training=self.training,
@@ -231,24 +260,30 @@ class MoELayer(nn.Module):
         return _outside_graph(function)
 
     def _count_dispatch_combine(
-        self, x: object, x_TD: Tensor, routing: Routing, problem, counts: GroupCounts | None
+        self, dispatcher, x: object, x_TD: Tensor, routing: Routing, problem, counts: GroupCounts | None
     ) -> tuple[Tensor, Tensor, GroupCounts | None]:
-        """(out [T, O], rows sent to other ranks, counts): count exchange (unless `counts` are
-        given: a recompute) -> dispatch -> experts -> combine."""
+        """(out [T, O], rows sent to other ranks, counts): `dispatcher`'s count exchange (unless
+        `counts` are given: a recompute) -> dispatch -> experts -> combine. With weights on the experts'
+        input, the dispatchers carry each (token, choice) as a token of its own (scaled_assignments)."""
+        scaled = self.config.scale_expert_input and routing is not None
+        if scaled:
+            x_TD, routing = scaled_assignments(x_TD, routing)  # T * K rows from here to the combine
         if counts is None:
-            counts = self.dispatcher.exchange_counts(x, routing, problem, self.router.weight.device)
+            counts = dispatcher.exchange_counts(x, routing, problem, self.router.weight.device)
         if self.group is not None and torch.is_grad_enabled() and not x_TD.requires_grad:
             # NOTE: the dispatch exchange's backward runs only where the rows need a
             # gradient; a rank whose input needs none would skip it while its peers
             # wait in it (a hang). A leaf that does makes every rank run it alike.
             x_TD = x_TD.detach().requires_grad_()
-        chunks, record = self.dispatcher.dispatch(x_TD, routing, counts)
+        chunks, record = dispatcher.dispatch(x_TD, routing, counts)
         # NOTE: lazy where the chunks arrive one by one (the combine overlaps them); a list
         # otherwise, since torch.compile breaks a generator's graph once more per break inside it.
         y_chunks = (self.experts(chunk.x, chunk.rows_per_expert) for chunk in chunks)
         if isinstance(chunks, list):
             y_chunks = list(y_chunks)
-        out_TO = self.dispatcher.combine(y_chunks, record)
+        out_TO = dispatcher.combine(y_chunks, record)
+        if scaled:
+            out_TO = sum_choices(out_TO, self.config.top_k)
         return out_TO, torch.tensor(record.rows_sent_away, device=out_TO.device), counts
 
     def _step_choices(
@@ -475,6 +510,14 @@ def _input_problem(x: object, config: MoEConfig, weight: Tensor) -> tuple[type, 
         bad = int((~torch.isfinite(x.reshape(-1, x.shape[-1]))).any(dim=-1).sum())
         return ValueError, f"input contains NaN or Inf ({bad} tokens)"
     return None
+
+
+def _routing_with(config: MoEConfig, capacity_factor: float | None) -> MoEConfig:
+    """`config` with `capacity_factor` in training and eval alike (the same object where that
+    changes nothing: a replace validates the whole config, some 15 us per call)."""
+    if config.capacity_factor == capacity_factor and config.eval_capacity_factor is None:
+        return config
+    return replace(config, capacity_factor=capacity_factor, eval_capacity_factor=None)
 
 
 def _to_autocast_dtype(x_TD: Tensor) -> Tensor:

@@ -1,7 +1,8 @@
 """A small decoder-only byte-level transformer whose feed-forwards may be MoE layers.
 
 Legend: B batch, S sequence (at most seq_len), D d_model, N heads, A head width
-D / N, F dense feed-forward hidden width, V vocab.
+D / N, F dense feed-forward hidden width, V vocab, L columns of a KV cache
+(earlier ones and this call's S).
 
 The model knows nothing about process groups: every MoE layer is built with
 group=None and lives at `blocks[i].ffn`, where expert parallelism can swap it
@@ -29,7 +30,7 @@ from .config import (
     check_real,
     from_section,
 )
-from .layer import MoELayer, MoEOutput
+from .layer import Inference, MoELayer, MoEOutput
 from .materialize import derive_seed, write_held
 
 _ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "swiglu": F.silu}
@@ -118,7 +119,13 @@ class ModelConfig:
 
 
 class Attention(nn.Module):
-    """Causal multi-head self-attention."""
+    """Causal multi-head self-attention.
+
+    forward(x [B, S, D], past=None, mask_BSL=None) -> (y [B, S, D], (k, v) [B, N, L, A]).
+    Without `past` it is causal over the S positions (L = S). With `past`, the
+    cached (k, v) of earlier positions, the S new ones follow them (L = past + S)
+    and `mask_BSL` [B, S, L] says which keys each query sees.
+    """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -126,13 +133,25 @@ class Attention(nn.Module):
         self.qkv = _linear(config.d_model, 3 * config.d_model, _INIT_STD)
         self.proj = _linear(config.d_model, config.d_model, _residual_std(config))
 
-    def forward(self, x_BSD: Tensor) -> Tensor:
+    def forward(
+        self,
+        x_BSD: Tensor,
+        past: tuple[Tensor, Tensor] | None = None,
+        mask_BSL: Tensor | None = None,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         B, S, D = x_BSD.shape
         N, A = self.n_heads, D // self.n_heads
         q_BSD, k_BSD, v_BSD = self.qkv(x_BSD).split(D, dim=-1)
         q_BNSA, k_BNSA, v_BNSA = (t.view(B, S, N, A).transpose(1, 2) for t in (q_BSD, k_BSD, v_BSD))
-        y_BNSA = F.scaled_dot_product_attention(q_BNSA, k_BNSA, v_BNSA, is_causal=True)
-        return self.proj(y_BNSA.transpose(1, 2).reshape(B, S, D))
+        if past is not None:
+            k_BNLA, v_BNLA = torch.cat([past[0], k_BNSA], dim=2), torch.cat([past[1], v_BNSA], dim=2)
+        else:
+            k_BNLA, v_BNLA = k_BNSA, v_BNSA
+        if mask_BSL is None:
+            y_BNSA = F.scaled_dot_product_attention(q_BNSA, k_BNLA, v_BNLA, is_causal=True)
+        else:
+            y_BNSA = F.scaled_dot_product_attention(q_BNSA, k_BNLA, v_BNLA, attn_mask=mask_BSL.unsqueeze(1))
+        return self.proj(y_BNSA.transpose(1, 2).reshape(B, S, D)), (k_BNLA, v_BNLA)
 
 
 class DenseFFN(nn.Module):
@@ -156,8 +175,10 @@ class DenseFFN(nn.Module):
 class Block(nn.Module):
     """x + attn(norm(x)), then x + ffn(norm(x)); ffn is an MoELayer or a DenseFFN.
 
-    forward(x, choices_before_E=None) -> (x, MoEOutput of its MoE layer, or None when dense);
-    the MoEOutput's `out` is detached (x carries its gradient).
+    forward(x, choices_before_E=None, past=None, mask_BSL=None, inference=None) ->
+    (x, MoEOutput of its MoE layer or None when dense, the attention's (k, v));
+    the MoEOutput's `out` is detached (x carries its gradient). `past` and
+    `mask_BSL` as in Attention; `inference` goes to the MoE layer.
     """
 
     def __init__(
@@ -179,15 +200,40 @@ class Block(nn.Module):
             self.ffn = DenseFFN(config)
 
     def forward(
-        self, x_BSD: Tensor, choices_before_E: Tensor | None = None
-    ) -> tuple[Tensor, MoEOutput | None]:
-        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD))
+        self,
+        x_BSD: Tensor,
+        choices_before_E: Tensor | None = None,
+        past: tuple[Tensor, Tensor] | None = None,
+        mask_BSL: Tensor | None = None,
+        inference: Inference | None = None,
+    ) -> tuple[Tensor, MoEOutput | None, tuple[Tensor, Tensor]]:
+        y_BSD, kv = self.attn(self.attn_norm(x_BSD), past, mask_BSL)
+        x_BSD = x_BSD + y_BSD
         if not isinstance(self.ffn, MoELayer):
-            return x_BSD + self.ffn(self.ffn_norm(x_BSD)), None
-        moe = self.ffn(self.ffn_norm(x_BSD), choices_before_E)
+            return x_BSD + self.ffn(self.ffn_norm(x_BSD)), None, kv
+        moe = self.ffn(self.ffn_norm(x_BSD), choices_before_E, inference=inference)
         # NOTE: the returned `out` is detached: the residual sum carries its gradient, and an output
         # view that requires grad would make FSDP2 warn on every forward.
-        return x_BSD + moe.out, moe._replace(out=moe.out.detach())
+        return x_BSD + moe.out, moe._replace(out=moe.out.detach()), kv
+
+
+@dataclass(frozen=True, eq=False)
+class KVCache:
+    """What decoding keeps between calls, held by the caller: each block's attention keys and
+    values for every column so far, and which columns are real.
+
+    keys, values: one [B, N, L, A] per block.   valid_BL: [B, L] bool, False at left padding.
+    `Transformer.decode` returns a new cache and leaves the one it was given as it was.
+    """
+
+    keys: tuple[Tensor, ...]
+    values: tuple[Tensor, ...]
+    valid_BL: Tensor
+
+    @property
+    def length(self) -> int:
+        """L, the columns so far (padding included)."""
+        return self.valid_BL.shape[1]
 
 
 class Transformer(nn.Module):
@@ -209,6 +255,10 @@ class Transformer(nn.Module):
     training, each block's activations are recomputed in the backward
     (torch.utils.checkpoint, non-reentrant) instead of kept. The MoE layers
     reuse the forward's routing and counts in that recompute (MoELayer).
+
+    Decoding: `decode` runs tokens against a KV cache the caller holds
+    (KVCache) and returns the new one; `generate` prefills once, then decodes
+    a token at a time, for one prompt or a left-padded batch of them.
     """
 
     def __init__(self, config: ModelConfig, execution: ExecutionConfig | None = None):
@@ -287,9 +337,9 @@ class Transformer(nn.Module):
         for block in self.blocks:
             choices_E = next(before, None) if isinstance(block.ffn, MoELayer) else None
             if recompute:
-                x_BSD, moe = checkpoint(block, x_BSD, choices_E, use_reentrant=False)
+                x_BSD, moe, _ = checkpoint(block, x_BSD, choices_E, use_reentrant=False)
             else:
-                x_BSD, moe = block(x_BSD, choices_E)
+                x_BSD, moe, _ = block(x_BSD, choices_E)
             if moe is not None:
                 outputs.append(moe)
         return self.lm_head(self.norm(x_BSD)), outputs
@@ -335,40 +385,155 @@ class Transformer(nn.Module):
             count += per_expert * (layer.config.top_k if active_only else layer.config.num_experts)
         return count
 
+    def decode(
+        self,
+        tokens_BS: Tensor,
+        cache: KVCache | None = None,
+        *,
+        valid_BS: Tensor | None = None,
+        capacity_factor: float | None = None,
+        tokens_per_rank: int | None = None,
+    ) -> tuple[Tensor, KVCache]:
+        """tokens [B, S] after those in `cache` (None: no earlier ones) -> (logits [B, S, V], the
+        cache with them). Prefill is a decode of the prompt without a cache; each later call
+        runs the new tokens (one per row) against the cache.
+
+        valid_BS: [B, S] bool, False where a row is (left) padding (None: all real). No query
+            attends to padding and padding takes no position: a row's real tokens sit at
+            positions 0, 1, ... as in the forward of that row alone. (A padding query sees
+            itself only, so that no NaN row reaches the MoE layers.)
+        capacity_factor: the MoE layers' for this call (None: dropless; see layer.Inference).
+        tokens_per_rank: a bound on B * S on every rank of an expert-parallel group, the
+            same value on all of them; with it an eval forward without gradients may use the
+            fixed dispatch (dispatchers.for_call). Generation passes its batch bound for the
+            one-token steps.
+        The cache holds at most seq_len columns, padding included (the position embedding's size).
+        """
+        if tokens_BS.dim() != 2 or tokens_BS.shape[1] == 0:
+            raise ValueError(f"decode expects tokens [B, S] with S >= 1, got {tuple(tokens_BS.shape)}")
+        B, S = tokens_BS.shape
+        past = 0 if cache is None else cache.length
+        if past + S > self.config.seq_len:
+            raise ValueError(
+                f"decode: {past} cached columns and {S} new ones exceed seq_len={self.config.seq_len}"
+            )
+        device = tokens_BS.device
+        if valid_BS is None:
+            valid_BS = torch.ones(B, S, dtype=torch.bool, device=device)
+        past_valid_BL = (
+            torch.zeros(B, 0, dtype=torch.bool, device=device) if cache is None else cache.valid_BL
+        )
+        if valid_BS.shape != (B, S) or past_valid_BL.shape[0] != B:
+            raise ValueError(
+                f"decode: tokens {tuple(tokens_BS.shape)}, valid_BS {tuple(valid_BS.shape)} and a cache "
+                f"of batch {past_valid_BL.shape[0]} must agree on B (and S)"
+            )
+        valid_BL = torch.cat([past_valid_BL, valid_BS], dim=1)
+        # A token's position: the real tokens of its row before it.
+        positions_BS = past_valid_BL.sum(dim=1, keepdim=True) + valid_BS.cumsum(dim=1) - valid_BS.long()
+        columns_L = torch.arange(past + S, device=device)
+        query_S1 = (past + torch.arange(S, device=device)).unsqueeze(1)
+        mask_BSL = (columns_L <= query_S1) & (valid_BL.unsqueeze(1) | (columns_L == query_S1))
+        x_BSD = self.tok_emb(tokens_BS) + self.pos_emb(positions_BS)
+        inference = Inference(capacity_factor, tokens_per_rank)
+        keys, values = [], []
+        for i, block in enumerate(self.blocks):
+            kv = None if cache is None else (cache.keys[i], cache.values[i])
+            x_BSD, _, (k_BNLA, v_BNLA) = block(x_BSD, None, kv, mask_BSL, inference)
+            keys.append(k_BNLA)
+            values.append(v_BNLA)
+        return self.lm_head(self.norm(x_BSD)), KVCache(tuple(keys), tuple(values), valid_BL)
+
     @torch.no_grad()
     def generate(
         self,
-        prompt_tokens: Tensor,
+        prompt_tokens: Tensor | list[Tensor],
         max_new_tokens: int,
         temperature: float = 1.0,
         top_k: int | None = None,
         generator: torch.Generator | None = None,
-    ) -> Tensor:
-        """prompt [S0] -> [S0 + max_new_tokens]: sample one token at a time from the
-        logits over the last seq_len tokens, divided by `temperature` (0: greedy) and
-        restricted to the `top_k` most likely. `generator` (on the model's device)
+        *,
+        capacity_factor: float | None = None,
+        use_cache: bool = True,
+        batch_per_rank: int | None = None,
+        width: int | None = None,
+    ) -> Tensor | list[Tensor]:
+        """prompt [S0] -> [S0 + max_new_tokens]; a list of B prompts of any lengths -> a list of
+        B such tensors, decoded as one batch. Each token is sampled from the logits over the last
+        seq_len tokens (the window slides once a row is longer), divided by `temperature`
+        (0: greedy) and restricted to the `top_k` most likely. `generator` (on the model's device)
         makes the samples reproducible.
+
+        A batch is left-padded to one width and the padding masked (`decode`'s valid_BS), so
+        each row gets what it would get alone. With `use_cache` the prompts are prefilled
+        once and each new token then runs alone against the KV cache. Once the padded width
+        passes seq_len every step refills the window (its positions shift), which costs what
+        decoding without a cache does. use_cache=False runs the whole window every step: the
+        reference the cache is tested against.
+
+        capacity_factor: the MoE layers route dropless (None, the default) whatever they were
+            trained with: with a capacity a later token can push an earlier one out of a full
+            expert, so decoding token by token could not equal the forward over the sequence.
+            A factor applies the capacity rule to each call's tokens instead.
+        batch_per_rank: the most prompts any rank of an expert-parallel group decodes (None:
+            this call's B, which must then be the same on every rank); the bound of the fixed
+            dispatch in the one-token steps.
+        width: left-pad the prompts to at least this width. Under expert parallelism every
+            rank must run the same forwards: call with the same max_new_tokens, use_cache,
+            batch_per_rank and width (at least the longest prompt of any rank).
+        Call model.eval() first: in training mode the MoE layers keep to their usual dispatch.
         """
-        if prompt_tokens.dim() != 1 or prompt_tokens.numel() == 0:
-            raise ValueError(f"generate expects a non-empty prompt [S0], got {tuple(prompt_tokens.shape)}")
+        single = isinstance(prompt_tokens, Tensor)
+        prompts = [prompt_tokens] if single else list(prompt_tokens)
+        if not prompts or any(p.dim() != 1 or p.numel() == 0 for p in prompts):
+            shapes = [tuple(p.shape) for p in prompts]
+            raise ValueError(f"generate expects a non-empty prompt [S0] or a list of them, got {shapes}")
         if max_new_tokens < 0 or temperature < 0 or (top_k is not None and top_k < 1):
             raise ValueError(
                 f"generate needs max_new_tokens >= 0, temperature >= 0, top_k >= 1 or None; got "
                 f"{max_new_tokens}, {temperature}, {top_k}"
             )
-        tokens_S = prompt_tokens
+        tokens_BW, valid_BW = _left_pad(prompts, width or 0)
+        prompt_width, window = tokens_BW.shape[1], self.config.seq_len
+        bound = len(prompts) if batch_per_rank is None else batch_per_rank
+        cache = None
         for _ in range(max_new_tokens):
-            logits_V = self(tokens_S[-self.config.seq_len :].unsqueeze(0))[0][0, -1].float()
-            if temperature == 0:
-                next_1 = logits_V.argmax().view(1)
+            if not use_cache or cache is None or cache.length == window:
+                logits_BSV, cache = self.decode(
+                    tokens_BW[:, -window:], valid_BS=valid_BW[:, -window:], capacity_factor=capacity_factor
+                )
             else:
-                logits_V = logits_V / temperature
-                if top_k is not None and top_k < logits_V.numel():
-                    kth_largest = torch.topk(logits_V, top_k).values[-1]
-                    logits_V = logits_V.masked_fill(logits_V < kth_largest, float("-inf"))
-                next_1 = torch.multinomial(logits_V.softmax(dim=-1), 1, generator=generator)
-            tokens_S = torch.cat([tokens_S, next_1.to(tokens_S.dtype)])
-        return tokens_S
+                logits_BSV, cache = self.decode(
+                    tokens_BW[:, -1:], cache, capacity_factor=capacity_factor, tokens_per_rank=bound
+                )
+            next_B = _sample(logits_BSV[:, -1].float(), temperature, top_k, generator)
+            tokens_BW = torch.cat([tokens_BW, next_B.unsqueeze(1).to(tokens_BW.dtype)], dim=1)
+            valid_BW = F.pad(valid_BW, (0, 1), value=True)
+        rows = [tokens_BW[b, prompt_width - p.numel() :] for b, p in enumerate(prompts)]
+        return rows[0] if single else rows
+
+
+def _left_pad(prompts: list[Tensor], width: int) -> tuple[Tensor, Tensor]:
+    """(tokens [B, W], valid [B, W]): the prompts right-aligned in W = max(width, longest) columns."""
+    W = max(width, *(p.numel() for p in prompts))
+    tokens_BW = prompts[0].new_zeros((len(prompts), W))
+    valid_BW = torch.zeros(len(prompts), W, dtype=torch.bool, device=prompts[0].device)
+    for b, prompt in enumerate(prompts):
+        tokens_BW[b, W - prompt.numel() :] = prompt
+        valid_BW[b, W - prompt.numel() :] = True
+    return tokens_BW, valid_BW
+
+
+def _sample(logits_BV: Tensor, temperature: float, top_k: int | None, generator) -> Tensor:
+    """[B] next tokens: the argmax at temperature 0, else a draw from softmax(logits / temperature)
+    over the top_k most likely."""
+    if temperature == 0:
+        return logits_BV.argmax(dim=-1)
+    logits_BV = logits_BV / temperature
+    if top_k is not None and top_k < logits_BV.shape[-1]:
+        kth_largest_B1 = torch.topk(logits_BV, top_k).values[:, -1:]
+        logits_BV = logits_BV.masked_fill(logits_BV < kth_largest_B1, float("-inf"))
+    return torch.multinomial(logits_BV.softmax(dim=-1), 1, generator=generator).squeeze(1)
 
 
 def _linear(d_in: int, d_out: int, std: float) -> nn.Linear:

@@ -80,6 +80,7 @@ def shard_experts(
                 name=name,
                 init_seed=module.init_seed,
             )
+        sharded.train(module.training)  # a model put in eval() before sharding stays in eval
         sharded.router.load_state_dict(module.router.state_dict())
         if module.shared_experts is not None:
             sharded.shared_experts.load_state_dict(module.shared_experts.state_dict())

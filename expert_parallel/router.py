@@ -65,7 +65,8 @@ def route(
     with config.group_topk, only experts of the group_topk best groups compete
     (a group's rank: the sum of its two best, biased, scores; DeepSeek-V3).
     Weights: the chosen unbiased scores, renormalised to sum to 1 if
-    `config.normalize_weights`, times config.routed_scaling_factor, then
+    `config.normalize_weights` (divided by max(sum, config.normalize_min)
+    when that is > 0), times config.routed_scaling_factor, then
     zeroed where dropped; the remaining weights of a token are not
     renormalised after a drop.
     Capacity: config.capacity(T, training); see `keep_within_capacity`.
@@ -108,11 +109,18 @@ def route(
         scores_TK = probs_TE.gather(1, expert_ids_TK)
         # softmax over the K chosen logits equals the chosen probabilities over
         # their sum, and is what SimpleMoE computes, bit for bit.
-        weights_TK = F.softmax(topk_logits_TK, dim=-1) if config.normalize_weights else scores_TK
+        log_scores_TK = topk_logits_TK  # the log-probabilities up to a per-token constant
     else:
         log_scores_TK = F.logsigmoid(topk_logits_TK)
         scores_TK = log_scores_TK.exp()
-        weights_TK = F.softmax(log_scores_TK, dim=-1) if config.normalize_weights else scores_TK
+    if not config.normalize_weights:
+        weights_TK = scores_TK
+    elif config.normalize_min > 0:
+        # NOTE: a floor under the sum (ERNIE-4.5), so the plain division: a selection
+        # bias can choose experts whose scores sum to almost nothing.
+        weights_TK = scores_TK / scores_TK.sum(dim=-1, keepdim=True).clamp(min=config.normalize_min)
+    else:
+        weights_TK = F.softmax(log_scores_TK, dim=-1)
     if config.routed_scaling_factor != 1.0:
         weights_TK = weights_TK * config.routed_scaling_factor
 

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import MoEConfig
-from .experts import _ACTIVATIONS, uniform_
+from .experts import Activation, uniform_
 
 
 class SharedExperts(nn.Module):
@@ -19,7 +19,7 @@ class SharedExperts(nn.Module):
 
     NOTE: n experts of width h on every token sum to one feed-forward of width
     n * h (the down projection adds their outputs), so they run as one GEMM.
-    Weights as the routed experts', unstacked: w1 [D, H], w3 [D, H] (swiglu),
+    Weights as the routed experts', unstacked: w1 [D, H], w3 [D, H] (gated),
     w2 [H, O], biases b1, b3 [H], b2 [O] when config.bias.
     With config.shared_expert_gate, `gate` [D] scales the output by sigmoid(x @ gate)
     (Qwen2-MoE).
@@ -28,20 +28,18 @@ class SharedExperts(nn.Module):
     def __init__(self, config: MoEConfig):
         super().__init__()
         d, h, o = config.d_model, config.shared_hidden, config.d_out
-        self.activation = config.activation
+        self.activation = Activation.of(config)
         self.w1 = nn.Parameter(torch.empty(d, h))
         self.w2 = nn.Parameter(torch.empty(h, o))
-        self.w3 = nn.Parameter(torch.empty(d, h)) if config.activation == "swiglu" else None
+        self.w3 = nn.Parameter(torch.empty(d, h)) if self.activation.gated else None
         self.b1 = nn.Parameter(torch.empty(h)) if config.bias else None
         self.b2 = nn.Parameter(torch.empty(o)) if config.bias else None
         self.b3 = nn.Parameter(torch.empty(h)) if config.bias and self.w3 is not None else None
         self.gate = nn.Parameter(torch.empty(d)) if config.shared_expert_gate else None
 
     def forward(self, x_TD: Tensor) -> Tensor:
-        h_TH = _ACTIVATIONS[self.activation](_linear(x_TD, self.w1, self.b1))
-        if self.w3 is not None:
-            h_TH = h_TH * _linear(x_TD, self.w3, self.b3)
-        y_TO = _linear(h_TH, self.w2, self.b2)
+        u_TH = _linear(x_TD, self.w3, self.b3) if self.w3 is not None else None
+        y_TO = _linear(self.activation(_linear(x_TD, self.w1, self.b1), u_TH), self.w2, self.b2)
         if self.gate is not None:
             y_TO = torch.sigmoid(x_TD @ self.gate.to(x_TD.dtype)).unsqueeze(-1) * y_TO
         return y_TO

@@ -1,23 +1,49 @@
-"""Print text from a trained model.
+"""Print text from a trained model: in one process, or with its experts sharded over torchrun's ranks.
 
     python -m launch.generate --checkpoint runs/tiny --prompt "def " [--tokens 200] [--temperature 0.8]
+    torchrun --standalone --nproc-per-node 2 -m launch.generate --checkpoint runs/tiny \\
+        --prompts-file prompts.txt --top-k 1
 
 --checkpoint is a run's out_dir (its latest checkpoint is used) or one
-`checkpoints/step_<N>` directory. One process holds all experts, whatever
-the ep size the checkpoint was saved with.
+`checkpoints/step_<N>` directory, saved at any ep size. Without torchrun one
+process holds all experts. Under torchrun the experts are sharded over
+ep = world: each rank builds the model on the meta device and reads from the
+checkpoint only the dense tensors and its own experts.
+
+--prompts-file: one prompt a line, generated as a batch (prompts of different
+lengths are left-padded and masked). Under torchrun rank r takes prompts r,
+r + world, ...; a rank with none left still runs every step, since the
+experts' exchanges need every rank. Only rank 0 prints, each prompt's text in
+file order, separated by a line of 40 "-".
+
+Decoding uses a KV cache: the prompts are prefilled once, then each new token
+runs alone. The MoE layers route dropless, whatever capacity factor the model
+was trained with (with a capacity, a later token can push an earlier one out
+of a full expert, so decoding token by token could not equal the forward over
+the sequence); --capacity-factor applies that rule to each forward instead.
+--top-k 1 is greedy: the same text at every world size. Sampled text depends
+on the layout: each rank draws from its own generator (--seed, rank).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
+import expert_parallel as ep
 from expert_parallel import checkpoint
+from expert_parallel.build import build_model
 from expert_parallel.model import ModelConfig, Transformer
+from expert_parallel.parallel import make_layout
+
+SEPARATOR = "-" * 40
 
 
 def find_checkpoint(path: Path) -> tuple[Path, Path]:
@@ -30,30 +56,101 @@ def find_checkpoint(path: Path) -> tuple[Path, Path]:
     return latest, path
 
 
+def read_prompts(args: argparse.Namespace) -> list[bytes]:
+    if args.prompts_file is None:
+        return [args.prompt.encode()]
+    prompts = [line.encode() for line in args.prompts_file.read_text().splitlines() if line]
+    if not prompts:
+        raise SystemExit(f"{args.prompts_file}: no prompt (one a line)")
+    return prompts
+
+
+def load_model(step_dir: Path, out_dir: Path) -> tuple[Transformer, int]:
+    """The checkpoint's model, its experts sharded over the world under torchrun; and its step."""
+    config = ModelConfig.from_dict(json.loads((out_dir / "config.json").read_text())["model"])
+    if not dist.is_initialized():
+        model = Transformer(config)
+    else:  # on meta, then only this rank's experts get memory and are read
+        model = build_model(config, make_layout(dist.get_world_size()))
+    step = checkpoint.load(step_dir, model)
+    return model.eval(), step
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--checkpoint", type=Path, required=True)
     parser.add_argument("--prompt", default="def ")
+    parser.add_argument("--prompts-file", type=Path, default=None)
     parser.add_argument("--tokens", type=int, default=200)
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--capacity-factor", type=float, default=None)
     args = parser.parse_args(argv)
 
+    prompts = read_prompts(args)
     step_dir, out_dir = find_checkpoint(args.checkpoint)
-    config = ModelConfig.from_dict(json.loads((out_dir / "config.json").read_text())["model"])
-    model = Transformer(config)
-    step = checkpoint.load(step_dir, model)
-    model.eval()
-    prompt = torch.tensor(list(args.prompt.encode()), dtype=torch.long)
-    generator = torch.Generator().manual_seed(args.seed)
-    with torch.no_grad():
-        tokens = model.generate(prompt, args.tokens, args.temperature, args.top_k, generator=generator)
-    print(f"# {step_dir} (step {step})", file=sys.stderr)
-    print(bytes(tokens.tolist()).decode("utf-8", errors="replace"))
+    if "WORLD_SIZE" not in os.environ:
+        model, step = load_model(step_dir, out_dir)
+        texts = generate(model, prompts, args, rank=0)
+        print_texts(texts, step_dir, step)
+        return 0
+    ep.init_distributed()
+    try:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        model, step = load_model(step_dir, out_dir)
+        # Every rank reads every prompt, so all agree on the padded width and the batch bound.
+        bound, width = math.ceil(len(prompts) / world), max(map(len, prompts))
+        texts = generate(model, prompts[rank::world], args, rank, batch_per_rank=bound, width=width)
+        gathered = [None] * world if rank == 0 else None
+        dist.gather_object(texts, gathered, dst=0)
+        if rank == 0:  # back in file order: prompt i was rank i % world's (i // world)-th
+            ordered = [gathered[i % world][i // world] for i in range(len(prompts))]
+            print_texts(ordered, step_dir, step)
+    except BaseException:
+        ep.shutdown(barrier=False)  # a rank failing alone must not wait for peers that wait for it
+        raise
+    finally:
+        ep.shutdown()
     return 0
+
+
+def generate(
+    model: Transformer,
+    prompts: list[bytes],
+    args: argparse.Namespace,
+    rank: int,
+    *,
+    batch_per_rank: int | None = None,
+    width: int = 0,
+) -> list[str]:
+    """This rank's texts. Under torchrun every rank runs the same forwards: the same width,
+    steps and batch bound (the most prompts of any rank)."""
+    device = next(model.parameters()).device
+    batch = [torch.tensor(list(p), dtype=torch.long, device=device) for p in prompts]
+    if not batch:  # nothing left for this rank: a one-byte stand-in keeps it in every exchange
+        batch = [torch.zeros(1, dtype=torch.long, device=device)]
+    generator = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + rank)
+    temperature = 0.0 if args.top_k == 1 else args.temperature
+    with torch.no_grad():
+        rows = model.generate(
+            batch,
+            args.tokens,
+            temperature,
+            args.top_k,
+            generator=generator,
+            capacity_factor=args.capacity_factor,
+            batch_per_rank=batch_per_rank,
+            width=width,
+        )
+    return [bytes(row.tolist()).decode("utf-8", errors="replace") for row in rows[: len(prompts)]]
+
+
+def print_texts(texts: list[str], step_dir: Path, step: int) -> None:
+    print(f"# {step_dir} (step {step})", file=sys.stderr)
+    print(f"\n{SEPARATOR}\n".join(texts))
 
 
 if __name__ == "__main__":

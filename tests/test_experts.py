@@ -17,8 +17,15 @@ needs_grouped_mm = pytest.mark.skipif(_GROUPED_MM is None, reason="this torch ha
 ROW_SPLITS = [[3, 0, 5, 1], [0, 4, 4, 0], [7, 0, 0, 9], [0, 0, 0, 0], [1, 1, 1, 1]]
 
 
+# GPT-OSS's constants but a limit that the test's pre-activations cross (their std is about 0.6).
+CLAMPED = dict(swiglu_alpha=1.702, swiglu_limit=0.3)
+
+
 def make_experts(activation: str, bias: bool, dtype=torch.float32, d=16, h=32) -> Experts:
-    config = MoEConfig(d_model=d, d_hidden=h, num_experts=4, top_k=1, activation=activation, bias=bias)
+    constants = CLAMPED if activation == "clamped_swiglu" else {}
+    config = MoEConfig(
+        d_model=d, d_hidden=h, num_experts=4, top_k=1, activation=activation, bias=bias, **constants
+    )
     experts = Experts(config, 4)
     for local_id in range(4):
         experts.reset_expert(local_id, torch.Generator().manual_seed(local_id))
@@ -155,7 +162,7 @@ def run_unfused(experts: Experts, x: torch.Tensor, rows: list[int], upstream: to
     return out.detach(), {"x": x.grad, **{name: p.grad for name, p in experts.named_parameters()}}
 
 
-@pytest.mark.parametrize("activation", ["relu", "gelu", "silu", "swiglu"])
+@pytest.mark.parametrize("activation", ["relu", "gelu", "silu", "swiglu", "clamped_swiglu"])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("rows", ROW_SPLITS)
 @pytest.mark.parametrize("expanded", [False, True])
@@ -179,7 +186,7 @@ def test_one_expert_at_a_time_mlp_equals_the_unfused_loop_bitwise(activation, bi
                     assert not grad[g].any(), name
 
 
-@pytest.mark.parametrize("activation", ["relu", "gelu", "swiglu"])
+@pytest.mark.parametrize("activation", ["relu", "gelu", "swiglu", "clamped_swiglu"])
 def test_one_expert_at_a_time_mlp_passes_gradcheck(activation):
     torch.manual_seed(2)
     experts = make_experts(activation, True, dtype=torch.float64, d=4, h=6)
@@ -191,3 +198,25 @@ def test_one_expert_at_a_time_mlp_passes_gradcheck(activation):
     assert torch.autograd.gradcheck(
         lambda x, *ws: functional_call(experts, dict(zip(names, ws)), (x, rows)), (x, *values)
     )
+
+
+def test_clamped_swiglu_is_gpt_oss_formula_with_zero_gradient_where_clamped():
+    """h = c * sigmoid(alpha * c) * (clamp(u, -L, L) + 1), c = min(a, L): written out for one expert."""
+    torch.manual_seed(3)
+    experts = make_experts("clamped_swiglu", True)
+    x = torch.randn(9, 16, requires_grad=True)
+    out = experts(x, [9, 0, 0, 0])
+    alpha, limit = CLAMPED["swiglu_alpha"], CLAMPED["swiglu_limit"]
+    a = x @ experts.w1[0] + experts.b1[0]
+    u = x @ experts.w3[0] + experts.b3[0]
+    c = torch.minimum(a, torch.tensor(limit))
+    h = c * torch.sigmoid(alpha * c) * (torch.clamp(u, -limit, limit) + 1)
+    torch.testing.assert_close(out, h @ experts.w2[0] + experts.b2[0])
+    assert (a > limit).any() and (u.abs() > limit).any()  # both clamps bite
+    # No gradient flows through a clamped pre-activation: for one row, b1's (b3's) gradient is
+    # zero exactly in the columns where a (u) was clamped.
+    experts(x[:1], [1, 0, 0, 0]).sum().backward()
+    gate_clamped, up_clamped = a[0] > limit, u[0].abs() > limit
+    assert gate_clamped.any() and up_clamped.any()
+    assert torch.equal(experts.b1.grad[0] == 0, gate_clamped)
+    assert torch.equal(experts.b3.grad[0] == 0, up_clamped)

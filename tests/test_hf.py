@@ -1,7 +1,8 @@
 """Hugging Face MoE blocks as MoELayers: equal outputs and gradients, the way back, and refusals,
 on one process and expert-parallel on 2 gloo ranks.
 
-The blocks are tiny random ones built locally (tests/hf_blocks.py), no download.
+The blocks are tiny random ones built locally (tests/hf_blocks.py; the GPT-OSS and Llama 4
+blocks, routers named `router`, here), no download.
 """
 
 import pytest
@@ -178,3 +179,70 @@ def test_expert_parallel_equals_the_block(kind, dispatch):
     copy_to_hf_block(layer, other, gather=True)
     for (name, ours), theirs in zip(other.state_dict().items(), block.state_dict().values()):
         assert_close(ours, theirs, f"round trip {name}")
+
+
+def build_router_block(family: str, seed: int = 0) -> nn.Module:
+    """A tiny GPT-OSS MLP or Llama 4 MoE block (router `block.router`, experts [E, D, 2I]), random weights."""
+    from transformers import AutoConfig
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
+    from transformers.models.llama4.modeling_llama4 import Llama4TextMoe
+
+    torch.manual_seed(seed)
+    common = dict(hidden_size=32, intermediate_size=16, num_local_experts=8, num_experts_per_tok=2)
+    if family == "gpt_oss":  # interleaved gate/up with biases, clamped SwiGLU (a limit the values cross)
+        config = AutoConfig.for_model("gpt_oss", swiglu_limit=0.8, num_attention_heads=4, **common)
+        config._experts_implementation = "eager"
+        block = GptOssMLP(config)
+    else:  # Llama 4: sigmoid scores on the experts' input, a shared expert
+        block = Llama4TextMoe(AutoConfig.for_model("llama4_text", num_attention_heads=4, **common))
+    with torch.no_grad():
+        for param in block.parameters():
+            param.normal_(0.0, 0.3)
+    return block.eval()
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "llama4_text"])
+def test_transposed_and_interleaved_experts_compute_the_block_and_write_back(family):
+    block = build_router_block(family)
+    layer = from_hf_block(block)
+    config = layer.config
+    if family == "gpt_oss":
+        assert (config.activation, config.bias, config.router_bias) == ("clamped_swiglu", True, True)
+    else:
+        assert (config.scale_expert_input, config.score_func, config.num_shared_experts) == (
+            True,
+            "sigmoid",
+            1,
+        )
+    x = torch.randn(2, 13, 32)
+    x_block, x_layer = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    want, got = block_output(block, x_block).reshape(2, 13, 32), layer(x_layer).out
+    assert_close(got, want, f"{family} output")
+    upstream = torch.randn(2, 13, 32)
+    (want * upstream).sum().backward()
+    (got * upstream).sum().backward()
+    assert_close(x_layer.grad, x_block.grad, f"{family} input grad")
+    assert_close(layer.router.weight.grad, block.router.weight.grad, f"{family} router grad")
+    gate_up, down = block.experts.gate_up_proj.grad, block.experts.down_proj.grad  # [E, D, 2I], [E, I, D]
+    gate, up = (gate_up[..., 0::2], gate_up[..., 1::2]) if family == "gpt_oss" else gate_up.chunk(2, dim=-1)
+    for name, theirs in (("w1", gate), ("w3", up), ("w2", down)):
+        assert_close(getattr(layer.experts, name).grad, theirs, f"{family} {name} grad")
+    # Changed weights, written back through the same views, make another block compute the layer.
+    with torch.no_grad():
+        for param in layer.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    target = build_router_block(family, seed=7)
+    copy_to_hf_block(layer, target)
+    with torch.no_grad():
+        assert_close(block_output(target, x).reshape(2, 13, 32), layer(x).out, f"{family} written-back block")
+
+
+def test_experts_whose_gating_differs_from_their_attributes_are_refused():
+    """GPT-OSS's alpha and limit name the clamped SwiGLU; its own gating, run on probe values, must be it."""
+    block = build_router_block("gpt_oss")
+    experts = block.experts
+    experts._apply_gate = lambda gate_up: (lambda g, u: g * torch.sigmoid(g * experts.alpha) * u)(
+        gate_up[..., ::2], gate_up[..., 1::2]
+    )  # no clamps, no +1
+    with pytest.raises(ValueError, match=r"GptOssMLP\.experts: their gating .* is not clamped_swiglu"):
+        from_hf_block(block)

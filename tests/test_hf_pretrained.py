@@ -2,10 +2,12 @@
 
 For each family, a tiny random model (8 experts) is saved with transformers'
 `save_pretrained` to a temporary directory (no download), with its routers
-perturbed so that routing is far from uniform and a nonzero selection bias
-where the family has one. Loaded with `from_pretrained` in one process and
-with its experts sharded over 2 and 4 gloo ranks: logits equal the
-transformers model's to 1e-5 and the gradient of the input embeddings to 1e-4.
+perturbed so that routing is far from uniform, a nonzero selection bias
+where the family has one, and random expert and router biases where it has
+those (GPT-OSS, whose small swiglu_limit makes the clamps bite). Loaded with
+`from_pretrained` in one process and with its experts sharded over 2 and 4
+gloo ranks: logits equal the transformers model's to 1e-5 and the gradient of
+the input embeddings to 1e-4.
 Saved back with `save_pretrained` from 2 ranks: every tensor of the original
 checkpoint, bitwise, under the same keys, and the same logits when
 transformers loads it.
@@ -53,22 +55,46 @@ FAMILIES = {
     "dots1": GROUPED,
     # Its MoE blocks; its linear-attention layers stay transformers' (4 layers: one full attention).
     "qwen3_next": dict(num_experts=8, shared_expert_intermediate_size=16, num_hidden_layers=4),
+    # Layer 0 dense (moe_layer_start_index 1), layers 1 and 2 MoE with a shared expert.
+    "ernie4_5_moe": dict(moe_num_experts=8, moe_num_shared_experts=1, num_hidden_layers=3),
+    "minimax_m2": dict(num_local_experts=8),
+    # d_model 32 = 2I: gate_up_proj [E, 32, 32] reads either way; down_proj [E, 16, 32] tells.
+    "llama4_text": dict(num_local_experts=8, intermediate_size=16, intermediate_size_mlp=64),
+    "gpt_oss": dict(num_local_experts=8, intermediate_size=16, swiglu_limit=0.5),
+    "granitemoe": dict(num_local_experts=8, intermediate_size=16),
+    # Its router's weight is gate.wg.weight; its shared expert is shared_mlp.
+    "hunyuan_v1_moe": dict(num_experts=8, moe_topk=2, intermediate_size=16),
 }
 
 
-def save_tiny(directory, family: str) -> None:
-    """A random model of `family`, its routers made uneven, saved by transformers."""
-    config = transformers.AutoConfig.for_model(family, **{**SMALL, **FAMILIES[family]})
+# Where the families keep their MoE block (Llama 4: feed_forward, Granite-MoE: block_sparse_moe).
+MOE_BLOCKS = ("mlp.", "feed_forward.", "block_sparse_moe.")
+
+
+def save_tiny(directory, family: str, values: dict | None = None) -> None:
+    """A random model of `family` (of config `values`, default FAMILIES'), its routers made uneven,
+    saved by transformers."""
+    config = transformers.AutoConfig.for_model(family, **{**SMALL, **(values or FAMILIES[family])})
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for name, tensor in model.named_parameters():
-            if name.endswith("gate.weight") and tensor.dim() == 2 and "mlp" in name:
-                tensor.mul_(8.0)  # sharper routers: a few experts take most tokens
         for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-            if name.endswith("e_score_correction_bias"):
+            in_block = any(where in name for where in MOE_BLOCKS)
+            if (
+                in_block
+                and name.endswith(("gate.weight", "router.weight", "gate.wg.weight"))
+                and tensor.dim() == 2
+            ):
+                tensor.mul_(8.0)  # sharper routers: a few experts take most tokens
+            elif name.endswith("e_score_correction_bias"):  # the router's, the block's, or moe_statics'
                 tensor.copy_(torch.rand(tensor.shape, generator=generator) * 0.5)
+            elif in_block and name.endswith(
+                ("router.bias", "experts.gate_up_proj_bias", "experts.down_proj_bias")
+            ):
+                tensor.copy_(
+                    torch.randn(tensor.shape, generator=generator) * 0.5
+                )  # transformers zeroes these
     model.save_pretrained(directory)
 
 
@@ -145,22 +171,26 @@ def test_a_directory_without_a_model_is_refused(tmp_path):
         from_pretrained(tmp_path)
 
 
-REFUSED = {
-    # ERNIE-4.5-MoE keeps its selection bias outside the router, where the layer does not read it.
-    "ernie4_5_moe": (
-        dict(moe_num_experts=8, moe_k=2, moe_layer_start_index=0),
-        r"Ernie4_5_MoeSparseMoeBlock at model\.layers\.0\.mlp: .*moe_statics",
+REFUSED = {  # case: (family, config, what the error says)
+    # DeepSeek-V2's group-limited router ranks a group by its best score (MoEConfig: its two best).
+    "deepseek_v2-group-limited-by-max": (
+        "deepseek_v2",
+        {**GROUPED, **MLA, "topk_method": "group_limited_greedy"},
+        r"DeepseekV2Moe: its router and the layer's routing disagree",
     ),
-    "minimax_m2": (dict(num_local_experts=8), r"at model\.layers\.0\.mlp: its router cannot be checked"),
-    "gpt_oss": (dict(num_local_experts=8), "has no MoE block"),
+    # ERNIE-4.5 with use_bias: its shared experts have biases, its routed experts none.
+    "ernie4_5_moe-use_bias": (
+        "ernie4_5_moe",
+        {**FAMILIES["ernie4_5_moe"], "use_bias": True},
+        r"block at model\.layers\.1\.mlp: Ernie4_5_MoeSparseMoeBlock\.shared_experts: .* with biases",
+    ),
 }
 
 
-@pytest.mark.parametrize("family", REFUSED)
-def test_a_family_whose_math_the_layer_does_not_compute_is_refused(tmp_path, family):
-    extra, message = REFUSED[family]
-    config = transformers.AutoConfig.for_model(family, **{**SMALL, **extra})
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+@pytest.mark.parametrize("case", REFUSED)
+def test_a_family_whose_math_the_layer_does_not_compute_is_refused(tmp_path, case):
+    family, values, message = REFUSED[case]
+    save_tiny(tmp_path, family, values)
     with pytest.raises(ValueError, match=message):
         from_pretrained(tmp_path)
 

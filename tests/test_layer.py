@@ -46,22 +46,36 @@ def test_reproduces_the_expert_router_moe_with_d_out_128():
 
 
 def loop_reference(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
-    """Per token, per kept choice: weight * expert(x), written out from the stacked weights."""
+    """Per token, per kept choice: weight * expert(x), or expert(weight * x) with
+    scale_expert_input, written out from the stacked weights."""
     cfg, ex = layer.config, layer.experts
-    act = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "swiglu": F.silu}[cfg.activation]
     routing = route(layer.router(x), cfg)
     out = x.new_zeros(x.shape[0], cfg.d_out)
     for t in range(x.shape[0]):
         for k in range(cfg.top_k):
             if not routing.keep[t, k]:
                 continue
-            e = routing.expert_ids[t, k]
-            h = x[t] @ ex.w1[e] + (ex.b1[e] if cfg.bias else 0)
-            h = act(h)
-            if cfg.activation == "swiglu":
-                h = h * (x[t] @ ex.w3[e] + (ex.b3[e] if cfg.bias else 0))
-            out[t] += routing.weights[t, k] * (h @ ex.w2[e] + (ex.b2[e] if cfg.bias else 0))
+            e, weight = routing.expert_ids[t, k], routing.weights[t, k]
+            x_t = weight * x[t] if cfg.scale_expert_input else x[t]
+            a = x_t @ ex.w1[e] + (ex.b1[e] if cfg.bias else 0)
+            u = x_t @ ex.w3[e] + (ex.b3[e] if cfg.bias else 0) if ex.w3 is not None else None
+            y = hidden(cfg, a, u) @ ex.w2[e] + (ex.b2[e] if cfg.bias else 0)
+            out[t] += y if cfg.scale_expert_input else weight * y
     return out
+
+
+def hidden(cfg: MoEConfig, a: torch.Tensor, u: torch.Tensor | None) -> torch.Tensor:
+    if cfg.activation == "clamped_swiglu":  # GPT-OSS: c = min(a, L); c * sigmoid(alpha c) * (clamp(u) + 1)
+        limit = cfg.swiglu_limit
+        c = torch.minimum(a, torch.tensor(limit))
+        return c * torch.sigmoid(cfg.swiglu_alpha * c) * (torch.clamp(u, -limit, limit) + 1)
+    h = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "swiglu": F.silu}[cfg.activation](a)
+    return h * u if cfg.activation == "swiglu" else h
+
+
+CLAMPED = {"activation": "clamped_swiglu", "swiglu_alpha": 1.702, "swiglu_limit": 0.4}
+# Llama 4's routing: sigmoid of the chosen logits, not renormalised, on the experts' input.
+ON_INPUT = {"scale_expert_input": True, "score_func": "sigmoid", "normalize_weights": False}
 
 
 @pytest.mark.parametrize(
@@ -72,6 +86,9 @@ def loop_reference(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
         {"activation": "silu", "score_func": "sigmoid", "drop_policy": "probs", "capacity_factor": 0.7},
         {"activation": "swiglu", "bias": False, "router_bias": False, "top_k": 3, "d_out": 5},
         {"activation": "swiglu", "normalize_weights": False, "score_func": "sigmoid"},
+        {**CLAMPED, "capacity_factor": 0.7, "top_k": 2},
+        {**ON_INPUT, "activation": "swiglu", "bias": False, "top_k": 1},
+        {**ON_INPUT, "activation": "gelu", "top_k": 3, "capacity_factor": 0.6, "min_capacity": 0},
     ],
 )
 def test_equals_a_per_token_loop(overrides):
@@ -79,6 +96,34 @@ def test_equals_a_per_token_loop(overrides):
     layer = MoELayer(MoEConfig(**{"d_model": 8, "d_hidden": 12, "num_experts": 6, **overrides}))
     x = torch.randn(25, 8)
     torch.testing.assert_close(layer(x).out, loop_reference(layer, x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "overrides,compiled",
+    [
+        (CLAMPED, False),
+        ({**ON_INPUT, "activation": "swiglu", "top_k": 2}, False),
+        ({**ON_INPUT, **CLAMPED, "top_k": 3, "capacity_factor": 0.6, "min_capacity": 0}, False),
+        # torch.compile's capacity path: E * C padded slots and batched GEMMs (Experts.padded)
+        ({**ON_INPUT, **CLAMPED, "top_k": 2, "capacity_factor": 0.6, "min_capacity": 0}, True),
+    ],
+)
+def test_weights_on_the_input_and_the_clamped_swiglu_have_the_loops_gradients(overrides, compiled):
+    torch.manual_seed(4)
+    layer = MoELayer(MoEConfig(**{"d_model": 8, "d_hidden": 12, "num_experts": 6, **overrides}))
+    x = torch.randn(25, 8)
+    upstream = torch.randn(25, layer.config.d_out)
+    run = torch.compile(layer, backend="aot_eager", fullgraph=True) if compiled else layer
+    grads = []
+    for forward in (lambda x: run(x).out, lambda x: loop_reference(layer, x)):
+        layer.zero_grad(set_to_none=True)
+        x_leaf = x.clone().requires_grad_()
+        out = forward(x_leaf)
+        (out * upstream).sum().backward()
+        grads.append([out.detach(), x_leaf.grad, *(p.grad for p in layer.parameters())])
+    torch._dynamo.reset()
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_parameter_layout_is_the_documented_one():

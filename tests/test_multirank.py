@@ -198,6 +198,29 @@ CONTRACT = {
         None,
         {"shape3d": True, "counts": [24, 0, 36, 12]},
     ),
+    # Llama 4's weights on the experts' input, with GPT-OSS's clamped SwiGLU (a limit that bites).
+    "scaled-input-capacity1-clamped-swiglu": (
+        15,
+        replace(
+            BASE,
+            scale_expert_input=True,
+            score_func="sigmoid",
+            normalize_weights=False,
+            activation="clamped_swiglu",
+            swiglu_alpha=1.702,
+            swiglu_limit=0.5,
+            capacity_factor=1.0,
+            min_capacity=1,
+        ),
+        None,
+        {"drops": True, "zero_rank": True},
+    ),
+    "once-per-rank-scaled-input-top3": (
+        16,
+        replace(BASE, top_k=3, scale_expert_input=True, activation="swiglu"),
+        ONCE,
+        {"zero_rank": True, "shape3d": True},
+    ),
 }
 
 

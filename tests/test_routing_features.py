@@ -79,6 +79,21 @@ def test_the_selection_bias_moves_the_choice_but_not_the_weights():
     assert torch.allclose(routing.weights, F.softmax(logits, -1)[:, 1:2])  # the unbiased probability
 
 
+def test_normalize_min_floors_the_sum_the_chosen_scores_are_divided_by():
+    """ERNIE-4.5: softmax, a selection bias, weights p_k / max(sum_k p_k, normalize_min)."""
+    config = replace(BASE, selection_bias=True)
+    logits = torch.tensor([[12.0, 0, 0, 0, 0, 0, 0, 0], [1.0, 2.0, 0, 0, 0, 0, 0, 0]])
+    bias = torch.tensor([-1.0, 1.0, 1.0, 0, 0, 0, 0, 0])  # token 0 chooses experts 1 and 2, p ~ 6e-6 each
+    probs = F.softmax(logits, dim=-1)
+    for floor in (0.0, 1e-3):
+        routing = route(logits, replace(config, normalize_min=floor), selection_bias_E=bias)
+        assert routing.expert_ids.tolist() == [[1, 2], [1, 2]]
+        chosen = probs[:, 1:3]
+        want = chosen / chosen.sum(dim=-1, keepdim=True).clamp(min=floor)
+        torch.testing.assert_close(routing.weights, want)
+    assert routing.weights[0].sum() < 0.02 and torch.isclose(routing.weights[1].sum(), torch.tensor(1.0))
+
+
 def test_group_limited_routing_sends_each_token_to_at_most_group_topk_groups():
     config = replace(BASE, num_experts=64, top_k=8, num_groups=8, group_topk=2, score_func="sigmoid")
     routing = route(torch.randn(500, 64), config)
@@ -248,6 +263,15 @@ def test_aux_loss_free_balancing_evens_out_a_skewed_router():
         ({"routed_scaling_factor": 0.0}, ["routed_scaling_factor"]),
         ({"eval_capacity_factor": -1.0}, ["eval_capacity_factor"]),
         ({"aux_loss_scope": "batch"}, ["aux_loss_scope"]),
+        ({"normalize_min": -1e-3}, ["normalize_min"]),
+        ({"normalize_min": 1e-12, "normalize_weights": False}, ["normalize_min", "normalize_weights=true"]),
+        ({"swiglu_alpha": 1.702}, ["swiglu_alpha", "clamped_swiglu", "activation='relu'"]),
+        ({"activation": "clamped_swiglu", "swiglu_alpha": 1.702}, ["swiglu_limit", "required"]),
+        (
+            {"activation": "clamped_swiglu", "swiglu_alpha": 1.0, "swiglu_limit": -7.0},
+            ["swiglu_limit", "> 0"],
+        ),
+        ({"scale_expert_input": 1}, ["scale_expert_input", "bool"]),
     ],
 )
 def test_routing_features_are_validated(changes, words):
