@@ -87,6 +87,7 @@ def worker(impl: str, directory: str, steps: int, batch: int, seq: int) -> None:
             model.zero_grad(set_to_none=True)
             step_s.append(time.perf_counter() - started)
             moe_step_s.append(sum(moe_s))
+        breakdown = profile_step(model, tokens)
         with torch.no_grad():
             model.eval()
             logits = model(input_ids=tokens[:1], use_cache=False).logits
@@ -97,11 +98,47 @@ def worker(impl: str, directory: str, steps: int, batch: int, seq: int) -> None:
             dtype=torch.float64,
         )
         dist.all_reduce(mine, op=dist.ReduceOp.MAX)
+        shares = torch.tensor([breakdown[c] for c in CATEGORIES], dtype=torch.float64)
+        dist.all_reduce(shares)  # the mean rank's seconds per category
+        shares /= world
         if rank == 0:
             names = ("load_s", "load_peak_mib", "step_s", "moe_s", "logits_max_diff")
-            print("RESULT " + json.dumps({"impl": impl, "world": world, **dict(zip(names, mine.tolist()))}))
+            row = {"impl": impl, "world": world, **dict(zip(names, mine.tolist()))}
+            row["profiled_s"] = dict(zip(CATEGORIES, shares.tolist()))
+            print("RESULT " + json.dumps(row))
     finally:
         ep.shutdown()
+
+
+# Where a profiled step's time goes, by the operators' self time. The attention and the dense
+# projections are the same code in both implementations, so the differences are the MoE blocks'.
+CATEGORIES = ("gemm", "collectives", "attention", "other")
+_GEMMS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::_grouped_mm")
+_COLLECTIVES = ("alltoall", "all_to_all", "AllToAll", "allreduce", "all_reduce", "allgather", "all_gather",
+                "reduce_scatter", "wait_tensor", "c10d::")  # fmt: skip
+
+
+def category(op: str) -> str:
+    if op in _GEMMS:
+        return "gemm"
+    if any(word in op for word in _COLLECTIVES):
+        return "collectives"  # on gloo a collective's self time includes waiting for the slowest rank
+    if "scaled_dot_product" in op:
+        return "attention"
+    return "other"
+
+
+def profile_step(model, tokens) -> dict[str, float]:
+    """Seconds of one more forward + backward step per category (torch.profiler, operators' self time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        model(input_ids=tokens, labels=tokens, use_cache=False).loss.backward()
+        model.zero_grad(set_to_none=True)
+    seconds = dict.fromkeys(CATEGORIES, 0.0)
+    for event in prof.key_averages():
+        seconds[category(event.key)] += event.self_cpu_time_total / 1e6
+    return seconds
 
 
 def launch(impl: str, world: int, args) -> dict:
@@ -148,14 +185,16 @@ def main() -> None:
             for impl in order:
                 results.append({"round": r, **pair[impl]})
                 print(results[-1], flush=True)
-            ours, theirs = pair["ours"], pair["transformers"]
-            print(
-                f"P={world} round {r}: step {ours['step_s'] / theirs['step_s']:.3f}, "
-                f"MoE blocks {ours['moe_s'] / theirs['moe_s']:.3f}, "
-                f"load memory {ours['load_peak_mib'] / max(theirs['load_peak_mib'], 1e-9):.3f} "
-                "(ours / theirs)",
-                flush=True,
-            )
+            theirs = pair["transformers"]
+            for impl in (i for i in order if i != "transformers"):
+                ours = pair[impl]
+                print(
+                    f"P={world} round {r} {impl}: step {ours['step_s'] / theirs['step_s']:.3f}, "
+                    f"MoE blocks {ours['moe_s'] / theirs['moe_s']:.3f}, "
+                    f"load memory {ours['load_peak_mib'] / max(theirs['load_peak_mib'], 1e-9):.3f} "
+                    "(ours / theirs)",
+                    flush=True,
+                )
     if args.json:
         args.json.write_text(json.dumps({"machine": machine, "results": results}, indent=2) + "\n")
 
