@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from . import comm
 from .config import ExecutionConfig, MoEConfig
 from .dispatch import scaled_assignments, sum_choices
-from .dispatchers import ExpertLayout, GroupCounts, for_call, make_dispatcher
+from .dispatchers import ExpertLayout, FixedDispatcher, GroupCounts, for_call, make_dispatcher
 from .experts import Experts, uniform_
 from .placement import Placement
 from .router import Routing, route, switch_aux_loss
@@ -196,16 +196,19 @@ class MoELayer(nn.Module):
         """x [..., D] -> MoEOutput. choices_before_E [E]: this rank's choices in the step's earlier
         micro-batches, for aux_loss_scope "global_batch" (None: this is the first).
         inference: an inference caller's capacity factor and token bound (Inference)."""
-        problem = _input_problem(x, self.config, self.router.weight)
-        key = self._forward_key()
-        decision = self._recomputing(key)
-        x_TD, routing, problem = self._route(x, problem, decision, inference)
         dispatcher = for_call(
             self.dispatcher,
             None if inference is None else inference.tokens_per_rank,
             training=self.training,
             grad_enabled=torch.is_grad_enabled(),
         )
+        # NOTE: the fixed dispatch promises no host synchronisation, so it skips the NaN / Inf
+        # checks of the input and router logits (a NaN then reaches that token's output).
+        check_finite = not isinstance(dispatcher, FixedDispatcher)
+        problem = _input_problem(x, self.config, self.router.weight, check_finite)
+        key = self._forward_key()
+        decision = self._recomputing(key)
+        x_TD, routing, problem = self._route(x, problem, decision, inference, check_finite)
         out_TO, rows_away, counts = self._in_graph_or_not(self._count_dispatch_combine, routing)(
             dispatcher, x, x_TD, routing, problem, decision and decision.counts
         )
@@ -231,7 +234,14 @@ class MoELayer(nn.Module):
             ),
         )
 
-    def _route(self, x: Tensor, problem, decision: _Decision | None, inference: Inference | None = None):
+    def _route(
+        self,
+        x: Tensor,
+        problem,
+        decision: _Decision | None,
+        inference: Inference | None = None,
+        check_finite: bool = True,
+    ):
         """(x_TD, routing, None), or (None, None, problem) for an input the layer cannot take."""
         if problem is not None:
             return None, None, problem
@@ -244,6 +254,7 @@ class MoELayer(nn.Module):
                 self.forced_expert_ids,
                 selection_bias_E=self.selection_bias,
                 training=self.training,
+                check_finite=check_finite,
                 sequence_length=x.shape[-2] if x.dim() >= 3 else None,
                 decided=None if decision is None else (decision.expert_ids_TK, decision.keep_TK),
             )
@@ -492,8 +503,11 @@ class MoELayer(nn.Module):
         )
 
 
-def _input_problem(x: object, config: MoEConfig, weight: Tensor) -> tuple[type, str] | None:
-    """(exception class, message) for an input the layer cannot take, else None."""
+def _input_problem(
+    x: object, config: MoEConfig, weight: Tensor, check_finite: bool = True
+) -> tuple[type, str] | None:
+    """(exception class, message) for an input the layer cannot take, else None; the NaN / Inf
+    check (a host sync) only with `check_finite`."""
     if not isinstance(x, Tensor):
         return TypeError, f"expects a torch.Tensor, got {type(x).__name__}"
     if not x.is_floating_point():
@@ -506,7 +520,7 @@ def _input_problem(x: object, config: MoEConfig, weight: Tensor) -> tuple[type, 
         return TypeError, f"input dtype {x.dtype} differs from the layer's parameters ({weight.dtype})"
     # NOTE: host sync (skipped under torch.compile, where it would break the graph).
     # A NaN in a feature the router ignores would still poison the expert outputs.
-    if not torch.compiler.is_compiling() and not bool(torch.isfinite(x).all()):
+    if check_finite and not torch.compiler.is_compiling() and not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x.reshape(-1, x.shape[-1]))).any(dim=-1).sum())
         return ValueError, f"input contains NaN or Inf ({bad} tokens)"
     return None

@@ -362,8 +362,8 @@ def test_the_fixed_dispatch_equals_the_per_assignment_dispatch(case):
 
 @on_ranks(2)
 def test_the_fixed_dispatch_reads_nothing_back_to_the_host():
-    """Its count step, dispatch, experts and combine with Tensor.item / tolist / bool / int / float
-    refused: every size comes from the bound, P and E' (the layer's input checks are not part of it)."""
+    """A whole decode-step forward of the layer with Tensor.item / tolist / bool / int / float
+    refused: every size comes from the bound, P and E', and the NaN checks are skipped."""
     rank = dist.get_rank()
     torch.manual_seed(0)
     layer = ep.MoELayer(SMALL, dist.group.WORLD).eval()
@@ -371,7 +371,6 @@ def test_the_fixed_dispatch_reads_nothing_back_to_the_host():
     dispatcher = for_call(layer.dispatcher, 4, training=False, grad_enabled=False)
     assert isinstance(dispatcher, FixedDispatcher)
     with torch.no_grad():
-        x_TD, routing, _ = layer._route(x, None, None)
         want = layer(x).out
 
         def refuse(*args, **kwargs):
@@ -382,11 +381,18 @@ def test_the_fixed_dispatch_reads_nothing_back_to_the_host():
         for name in names:
             setattr(torch.Tensor, name, refuse)
         try:
-            out_TO, _, _ = layer._count_dispatch_combine(dispatcher, x, x_TD, routing, None, None)
+            out_TO = layer(x, inference=Inference(tokens_per_rank=4)).out
         finally:
             for name, original in originals.items():
                 setattr(torch.Tensor, name, original)
     assert_close("fixed dispatch", out_TO, want, tol=1e-5)
+    # The price: a NaN is not refused but reaches its own token's output, and only that one.
+    x[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        layer(x)
+    with torch.no_grad():
+        out_TO = layer(x, inference=Inference(tokens_per_rank=4)).out
+    assert out_TO[0].isnan().all() and out_TO[1:].isfinite().all()
 
 
 @on_ranks(2)
