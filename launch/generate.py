@@ -65,13 +65,13 @@ def read_prompts(args: argparse.Namespace) -> list[bytes]:
     return prompts
 
 
-def load_model(step_dir: Path, out_dir: Path) -> tuple[Transformer, int]:
-    """The checkpoint's model, its experts sharded over the world under torchrun; and its step."""
+def load_model(step_dir: Path, out_dir: Path, device: torch.device) -> tuple[Transformer, int]:
+    """The checkpoint's model on `device`, its experts sharded over the world under torchrun; and its step."""
     config = ModelConfig.from_dict(json.loads((out_dir / "config.json").read_text())["model"])
     if not dist.is_initialized():
-        model = Transformer(config)
+        model = Transformer(config).to(device)
     else:  # on meta, then only this rank's experts get memory and are read
-        model = build_model(config, make_layout(dist.get_world_size()))
+        model = build_model(config, make_layout(dist.get_world_size(), device.type), device)
     step = checkpoint.load(step_dir, model)
     return model.eval(), step
 
@@ -93,14 +93,14 @@ def main(argv: list[str]) -> int:
     prompts = read_prompts(args)
     step_dir, out_dir = find_checkpoint(args.checkpoint)
     if "WORLD_SIZE" not in os.environ:
-        model, step = load_model(step_dir, out_dir)
+        model, step = load_model(step_dir, out_dir, torch.device("cpu"))
         texts = generate(model, prompts, args, rank=0)
         print_texts(texts, step_dir, step)
         return 0
-    ep.init_distributed()
+    device = ep.init_distributed()  # NCCL with one GPU per rank where CUDA is available, else gloo
     try:
         rank, world = dist.get_rank(), dist.get_world_size()
-        model, step = load_model(step_dir, out_dir)
+        model, step = load_model(step_dir, out_dir, device)
         # Every rank reads every prompt, so all agree on the padded width and the batch bound.
         bound, width = math.ceil(len(prompts) / world), max(map(len, prompts))
         texts = generate(model, prompts[rank::world], args, rank, batch_per_rank=bound, width=width)

@@ -209,3 +209,20 @@ def test_the_trainer_under_forced_routing_and_the_trainer_without_it(tmp_path):
     assert bad.returncode == 2 and "--routing" in bad.stderr and "'skewed'" in bad.stderr
     gone = run("launch.train", [], "train.forced_routing=zipf")  # the trainer has no such option now
     assert gone.returncode != 0 and "forced_routing" in gone.stderr
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_generation_latency_smoke_run_reports_both_dispatches_for_both_models(tmp_path):
+    out = tmp_path / "latency.json"
+    cmd = [sys.executable, "-m", "benchmarks.generate_latency", "--ranks", "2", "--batches", "1"]
+    cmd += ["--prompt", "4", "--tokens", "2", "--rounds", "1", "--json", str(out)]
+    run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = json.loads(out.read_text())["results"]
+    assert {(r["model"], r["dispatch"]) for r in rows} == {
+        (m, d) for m in ("tiny", "larger") for d in ("normal", "fixed")
+    }
+    for row in rows:
+        assert row["prefill_ms"] > 0 and row["decode_ms"] > 0 and 0 < row["collective_share"] < 1
+    assert "| tiny | 2 | 1 | fixed |" in run.stdout
