@@ -5,18 +5,24 @@ Legend: T tokens on this rank, E experts, K top-k.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import psutil
 import torch
 import torch.distributed as dist
 
 SKEWS = ("router", "uniform", "zipf", "one")
+REPO = Path(__file__).resolve().parent.parent
 
 
 def cpu_model() -> str:
@@ -27,6 +33,29 @@ def cpu_model() -> str:
     except OSError:
         models = []
     return models[0] if models else "unknown"
+
+
+def machine() -> dict:
+    """What the figures were measured on: CPU model, torch's CPU capability, cores."""
+    return {
+        "cpu": cpu_model(),
+        "capability": torch.backends.cpu.get_cpu_capability(),
+        "cores": os.cpu_count(),
+    }
+
+
+def torchrun_result(world: int, module_args: list[str], what: str) -> object:
+    """Run `python -m <module_args>` on `world` torchrun ranks; the JSON after its rank 0's "RESULT ".
+
+    A job that fails, or prints no result, ends the benchmark naming `what` and quoting its output.
+    """
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    done = subprocess.run([*cmd, "-m", *module_args], cwd=REPO, capture_output=True, text=True, env=env)
+    line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if done.returncode or line is None:
+        raise SystemExit(f"{what} on {world} ranks failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
+    return json.loads(line.removeprefix("RESULT "))
 
 
 class PhaseTape:

@@ -29,19 +29,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from benchmarks.bench_tools import cpu_model
+from benchmarks.bench_tools import machine as bench_machine
+from benchmarks.bench_tools import torchrun_result
 
-REPO = Path(__file__).resolve().parent.parent
 MODELS = {
     "tiny": dict(d_model=128, n_heads=4, num_experts=4, d_hidden=256),
     "larger": dict(d_model=512, n_heads=8, num_experts=8, d_hidden=1024),
@@ -160,29 +157,13 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    machine = {
-        "cpu": cpu_model(),
-        "capability": torch.backends.cpu.get_cpu_capability(),
-        "cores": os.cpu_count(),
-    }
+    machine = bench_machine()
     print(machine, flush=True)
     results = []
     for world in (int(w) for w in args.ranks.split(",")):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}"]
-        cmd += [
-            "-m",
-            "benchmarks.generate_latency",
-            "--worker",
-            "--batches",
-            ",".join(map(str, args.batches)),
-        ]
-        cmd += ["--prompt", str(args.prompt), "--tokens", str(args.tokens), "--rounds", str(args.rounds)]
-        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-        done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
-        line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
-        if done.returncode or line is None:
-            raise SystemExit(f"{world} ranks failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
-        results += json.loads(line.removeprefix("RESULT "))
+        module = ["benchmarks.generate_latency", "--worker", "--batches", ",".join(map(str, args.batches))]
+        module += ["--prompt", str(args.prompt), "--tokens", str(args.tokens), "--rounds", str(args.rounds)]
+        results += torchrun_result(world, module, "generate_latency")
     print("| model | P | batch per rank | dispatch | prefill ms | decode ms per step | in collectives |")
     print("|---|---|---|---|---|---|---|")
     for r in results:

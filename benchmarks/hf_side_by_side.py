@@ -23,18 +23,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.bench_tools import cpu_model
-
-REPO = Path(__file__).resolve().parent.parent
+from benchmarks.bench_tools import machine as bench_machine
+from benchmarks.bench_tools import torchrun_result
 
 
 def save_model(directory: Path) -> None:
@@ -142,15 +138,9 @@ def profile_step(model, tokens) -> dict[str, float]:
 
 
 def launch(impl: str, world: int, args) -> dict:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}"]
-    cmd += ["-m", "benchmarks.hf_side_by_side", "--worker", impl, "--model", str(args.model)]
-    cmd += ["--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq)]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
-    line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
-    if done.returncode or line is None:
-        raise SystemExit(f"{impl} on {world} ranks failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
-    return json.loads(line.removeprefix("RESULT "))
+    module = ["benchmarks.hf_side_by_side", "--worker", impl, "--model", str(args.model)]
+    module += ["--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq)]
+    return torchrun_result(world, module, impl)
 
 
 def main() -> None:
@@ -171,11 +161,7 @@ def main() -> None:
         return
     if not (args.model / "config.json").is_file():
         save_model(args.model)
-    machine = {
-        "cpu": cpu_model(),
-        "capability": torch.backends.cpu.get_cpu_capability(),
-        "cores": os.cpu_count(),
-    }
+    machine = bench_machine()
     print(machine, flush=True)
     results = []
     for world in (int(w) for w in args.ranks.split(",")):

@@ -12,11 +12,11 @@ torch.distributed counts the collectives: the recompute exchanges no counts
 from __future__ import annotations
 
 from collections import Counter
-from contextlib import contextmanager
 
 import pytest
 import torch
 import torch.distributed as dist
+from collectives import counting_collectives
 from rankpool import on_ranks
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -24,28 +24,6 @@ from torch.utils.checkpoint import checkpoint
 import expert_parallel as ep
 
 D = 8
-COUNTED = ("all_gather", "all_reduce", "all_to_all_single")
-
-
-@contextmanager
-def counting_collectives(counts: Counter):
-    """Count every call of the collectives the layer uses, by name, while inside."""
-    originals = {name: getattr(dist, name) for name in COUNTED}
-
-    def counted(name):
-        def call(*args, **kwargs):
-            counts[name] += 1
-            return originals[name](*args, **kwargs)
-
-        return call
-
-    for name in COUNTED:
-        setattr(dist, name, counted(name))
-    try:
-        yield counts
-    finally:
-        for name, original in originals.items():
-            setattr(dist, name, original)
 
 
 def _config(capacity_factor, scope) -> ep.MoEConfig:

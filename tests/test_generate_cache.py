@@ -21,7 +21,6 @@ import re
 import threading
 import time
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from asserts import assert_close, assert_equal
+from collectives import counting_collectives
 from decode_death import SURVIVOR_EXIT
 from multirank import launch
 from rankpool import on_ranks
@@ -54,16 +54,6 @@ D = 32
 MOE = ep.MoEConfig(d_model=D, d_hidden=16, num_experts=8, top_k=2)
 SMALL = ep.MoEConfig(d_model=12, d_hidden=16, num_experts=4, top_k=2)  # for the layer alone
 MODEL = ModelConfig(seq_len=24, d_model=D, n_layers=4, n_heads=4, moe=MOE, moe_every=2)  # MoE blocks 1, 3
-COLLECTIVES = (
-    "all_to_all_single",
-    "all_to_all",
-    "all_gather",
-    "all_gather_into_tensor",
-    "all_reduce",
-    "broadcast",
-    "reduce_scatter_tensor",
-    "barrier",
-)
 
 
 def build(config: ModelConfig = MODEL, seed: int = 0, group=None) -> Transformer:
@@ -87,27 +77,6 @@ def decode_step_by_step(model: Transformer, tokens_BS: torch.Tensor, prefill: in
         steps.append(logits_B1V)
     assert cache.length == tokens_BS.shape[1]
     return torch.cat(steps, dim=1)
-
-
-@contextmanager
-def counting_collectives():
-    """Counter of every torch.distributed collective called while inside, by name."""
-    counts, originals = Counter(), {name: getattr(dist, name) for name in COLLECTIVES}
-
-    def counted(name):
-        def call(*args, **kwargs):
-            counts[name] += 1
-            return originals[name](*args, **kwargs)
-
-        return call
-
-    for name in COLLECTIVES:
-        setattr(dist, name, counted(name))
-    try:
-        yield counts
-    finally:
-        for name, original in originals.items():
-            setattr(dist, name, original)
 
 
 @torch.no_grad()

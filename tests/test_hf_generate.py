@@ -14,6 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
+from collectives import counting_collectives
 from rankpool import on_ranks
 
 transformers = pytest.importorskip("transformers")
@@ -45,28 +46,6 @@ def prompts_of(rank: int) -> list[torch.Tensor]:
     return [torch.randint(3, 128, (n,), generator=generator) for n in (4, 9, 6)[:count]]
 
 
-def count_collectives(run) -> dict[str, int]:
-    """How many times `run()` calls each of torch.distributed's all_gather and all_to_all_single."""
-    counts = {"all_gather": 0, "all_to_all_single": 0}
-    originals = {name: getattr(dist, name) for name in counts}
-
-    def counting(name):
-        def call(*args, **kwargs):
-            counts[name] += 1
-            return originals[name](*args, **kwargs)
-
-        return call
-
-    for name in counts:
-        setattr(dist, name, counting(name))
-    try:
-        run()
-    finally:
-        for name, original in originals.items():
-            setattr(dist, name, original)
-    return counts
-
-
 @on_ranks(2, 4, timeout=300)
 def test_sharded_generation_equals_one_process_token_for_token(tmp_path):
     rank = dist.get_rank()
@@ -90,8 +69,9 @@ def test_sharded_generation_equals_one_process_token_for_token(tmp_path):
 
     # The decode steps take the fixed dispatch: after the prefill's count exchange (an all-gather
     # per MoE layer), one all-to-all each way per layer and step, and no all-gather.
-    calls = count_collectives(lambda: generate(ours, prompts, max_new_tokens=12, do_sample=False))
-    assert calls == {"all_gather": 2, "all_to_all_single": 2 * 2 * 12}, calls
+    with counting_collectives() as calls:
+        generate(ours, prompts, max_new_tokens=12, do_sample=False)
+    assert calls["all_gather"] == 2 and calls["all_to_all_single"] == 2 * 2 * 12, calls
 
     # An end-of-sequence token that rank 0's first prompt meets after 3 new tokens: that rank
     # finishes first, and keeps running forwards (synced_gpus) until the others are done.
