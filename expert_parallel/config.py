@@ -321,6 +321,13 @@ def load_toml(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
     return tree
 
 
+def check_sections(tree: dict, known: tuple[str, ...]) -> None:
+    """Refuse a TOML tree with a section outside `known`, naming them all."""
+    unknown = sorted(set(tree) - set(known))
+    if unknown:
+        raise ValueError(f"unknown section(s) {unknown}; known: {', '.join(known)}")
+
+
 def from_section(cls: type, section: str, values: dict):
     """Build the dataclass `cls` from a TOML section, naming `section.key` in every error.
 

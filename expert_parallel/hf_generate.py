@@ -48,8 +48,8 @@ def generate(model: nn.Module, prompts: list[Tensor], **generate_kwargs) -> list
         raise ValueError(
             f"generate: each prompt must be 1-d and non-empty, got {[tuple(p.shape) for p in prompts]}"
         )
-    groups = {m.layer.group for m in model.modules() if isinstance(m, HFMoEBlock)}
-    sharded = dist.is_initialized() and any(g is not None for g in groups)
+    layers = [m.layer for m in model.modules() if isinstance(m, HFMoEBlock)]
+    sharded = dist.is_initialized() and any(layer.group is not None for layer in layers)
     device = next(model.parameters()).device
     batch = prompts or [torch.zeros(1, dtype=torch.long)]  # a dummy prompt keeps an idle rank in step
     pad = _pad_id(model)
@@ -60,7 +60,6 @@ def generate(model: nn.Module, prompts: list[Tensor], **generate_kwargs) -> list
         ids_BS[i, S - prompt.numel() :] = prompt.to(device)
         mask_BS[i, S - prompt.numel() :] = 1
     kwargs = {"pad_token_id": pad, **generate_kwargs}
-    layers = [m.layer for m in model.modules() if isinstance(m, HFMoEBlock)]
     with _decode_bound(layers, _most_prompts(len(batch), layers, sharded)):
         out = model.generate(ids_BS, attention_mask=mask_BS, synced_gpus=sharded, **kwargs)
     if not prompts:

@@ -28,8 +28,8 @@ def moe_outputs(layers: list[MoELayer], choices_before: list[Tensor | None] | No
     detached), and layer i gets `choices_before[i]` as its `choices_before_E`."""
     outputs: list[MoEOutput] = []
     handles = []
-    for i, layer in enumerate(layers):
-        choices_E = (choices_before or [None] * len(layers))[i]
+    choices = list(choices_before or [])
+    for layer, choices_E in zip(layers, choices + [None] * (len(layers) - len(choices))):
 
         def feed(module, args, kwargs, choices_E=choices_E):
             return args, {**kwargs, "choices_before_E": choices_E} if choices_E is not None else kwargs

@@ -41,6 +41,7 @@ from expert_parallel.config import (
     check_choice,
     check_int,
     check_real,
+    check_sections,
     from_section,
     load_toml,
 )
@@ -99,9 +100,7 @@ class FinetuneConfig:
 
     @classmethod
     def from_tree(cls, tree: dict) -> FinetuneConfig:
-        unknown = sorted(set(tree) - set(cls.SECTIONS))
-        if unknown:
-            raise ValueError(f"unknown section(s) {unknown}; known: {', '.join(cls.SECTIONS)}")
+        check_sections(tree, cls.SECTIONS)
         return cls(
             model=from_section(PretrainedConfig, "model", tree.get("model", {})),
             train=from_section(TrainConfig, "train", tree.get("train", {})),

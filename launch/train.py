@@ -44,6 +44,7 @@ from expert_parallel.config import (
     check_choice,
     check_int,
     check_real,
+    check_sections,
     from_section,
     load_toml,
 )
@@ -135,9 +136,7 @@ class RunConfig:
 
     @classmethod
     def from_tree(cls, tree: dict) -> RunConfig:
-        unknown = sorted(set(tree) - set(cls.SECTIONS))
-        if unknown:
-            raise ValueError(f"unknown section(s) {unknown}; known: {', '.join(cls.SECTIONS)}")
+        check_sections(tree, cls.SECTIONS)
         model = dict(tree.get("model", {}))
         if "moe" in tree:
             model["moe"] = {"d_model": model.get("d_model"), **tree["moe"]}
