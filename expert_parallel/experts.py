@@ -438,8 +438,9 @@ class Experts(nn.Module):
         return linear(self.activation(linear(x_eCD, w1, b1), u_eCH), w2, b2)
 
     @torch.no_grad()
-    def reset_expert(self, local_id: int, generator: torch.Generator) -> None:
-        """nn.Linear's default init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), for one expert.
+    def reset_expert(self, local_id: int, generator: torch.Generator, init: NormalInit | None = None) -> None:
+        """One expert's initial values: nn.Linear's default, U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
+        or with `init` its normal distributions (NormalInit).
 
         Only what this rank holds of it is written (materialize.write_held);
         an expert it holds none of (sharded by FSDP over dim 0) draws nothing.
@@ -449,12 +450,37 @@ class Experts(nn.Module):
         fan_in = {"w1": self.w1.shape[1], "w3": self.w1.shape[1], "w2": self.w2.shape[1]}
         for name in ("w1", "b1", "w3", "b3", "w2", "b2"):
             param = getattr(self, name)
-            if param is not None:
-                bound = 1.0 / math.sqrt(fan_in["w" + name[1]])
-                uniform_(param, bound, generator, index=local_id)
+            if param is None:
+                continue
+            if init is None:
+                uniform_(param, 1.0 / math.sqrt(fan_in["w" + name[1]]), generator, index=local_id)
+            else:
+                normal_(param, init.std_of(name), generator, index=local_id)
 
     def extra_repr(self) -> str:
         return f"{self.num_local_experts} experts, {self.activation.name}, gemm={self.gemm}"
+
+
+@dataclass(frozen=True)
+class NormalInit:
+    """A feed-forward's init inside a residual stream, GPT-2's: the weights into the hidden layer
+    (w1, w3) ~ N(0, std), the weights back into the stream (w2) ~ N(0, out_std), biases 0, and the
+    router ~ N(0, router_std) (its bias 0).
+
+    NOTE: why not nn.Linear's bound: with it, each expert adds about ten times what a
+    GPT-2-initialised dense block adds to the residual stream, and the tiny model's MoE then
+    spends its first hundred steps shrinking random experts (docs/configuration.md#initialisation).
+    """
+
+    std: float
+    out_std: float
+    router_std: float
+
+    def std_of(self, name: str) -> float:
+        """The standard deviation of a parameter named w1, w3, w2 (or a bias: 0)."""
+        if name.startswith("b"):
+            return 0.0
+        return self.out_std if name == "w2" else self.std
 
 
 def uniform_(tensor: Tensor, bound: float, generator: torch.Generator, index: int | None = None) -> None:
@@ -464,4 +490,15 @@ def uniform_(tensor: Tensor, bound: float, generator: torch.Generator, index: in
         return
     shape = tensor.shape if index is None else tensor.shape[1:]
     values = torch.empty(shape, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
+    write_held(tensor, values, index)
+
+
+def normal_(tensor: Tensor, std: float, generator: torch.Generator, index: int | None = None) -> None:
+    """As `uniform_`, from N(0, std) (std 0: zeros, with no draw)."""
+    if tensor.is_meta:
+        return
+    shape = tensor.shape if index is None else tensor.shape[1:]
+    values = torch.zeros(shape, dtype=torch.float32)
+    if std > 0:
+        values.normal_(0.0, std, generator=generator)
     write_held(tensor, values, index)

@@ -20,7 +20,7 @@ from . import comm
 from .config import ExecutionConfig, MoEConfig
 from .dispatch import scaled_assignments, sum_choices
 from .dispatchers import ExpertLayout, FixedDispatcher, GroupCounts, for_call, make_dispatcher
-from .experts import Experts, uniform_
+from .experts import Experts, NormalInit, normal_, uniform_
 from .placement import Placement
 from .router import Routing, route, switch_aux_loss
 from .shared import SharedExperts
@@ -167,9 +167,11 @@ class MoELayer(nn.Module):
         self._warned_recompute = False
 
     @torch.no_grad()
-    def reset_parameters(self, seed: int | None = None) -> None:
+    def reset_parameters(self, seed: int | None = None, *, init: NormalInit | None = None) -> None:
         """Router from `seed` (default: `init_seed`); logical expert g from `seed + 1 + g` (so
-        replicas start equal); shared experts from `seed + 1 + E`.
+        replicas start equal); shared experts from `seed + 1 + E`. Each tensor from nn.Linear's
+        U(-1/sqrt(fan_in), 1/sqrt(fan_in)), or with `init` from its normal distributions (the
+        byte-level model passes GPT-2's: model.Transformer).
 
         On the meta device it writes nothing; on sharded (FSDP) parameters only
         this rank's part (materialize.write_held).
@@ -179,14 +181,19 @@ class MoELayer(nn.Module):
             return
         bound = 1.0 / self.config.d_model**0.5
         generator = torch.Generator().manual_seed(seed)
-        uniform_(self.router.weight, bound, generator)
-        if self.router.bias is not None:
-            uniform_(self.router.bias, bound, generator)
+        for param in (self.router.weight, self.router.bias):
+            if param is None:
+                continue
+            if init is None:
+                uniform_(param, bound, generator)
+            else:
+                normal_(param, init.router_std if param.dim() == 2 else 0.0, generator)
         for local_id, logical_id in enumerate(self.local_expert_ids):
             generator.manual_seed(seed + 1 + logical_id)
-            self.experts.reset_expert(local_id, generator)
+            self.experts.reset_expert(local_id, generator, init)
         if self.shared_experts is not None:
-            self.shared_experts.reset_parameters(generator.manual_seed(seed + 1 + self.config.num_experts))
+            generator.manual_seed(seed + 1 + self.config.num_experts)
+            self.shared_experts.reset_parameters(generator, init)
         if self.selection_bias is not None:
             self.selection_bias.zero_()
 

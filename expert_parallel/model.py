@@ -30,6 +30,7 @@ from .config import (
     check_real,
     from_section,
 )
+from .experts import NormalInit
 from .layer import Inference, MoELayer, MoEOutput
 from .materialize import derive_seed, write_held
 
@@ -246,7 +247,10 @@ class Transformer(nn.Module):
     (its own layout-independent scheme, MoELayer): the values depend on
     neither construction order, device nor layout. Embeddings and Linears ~
     N(0, 0.02), the projections back into the residual stream
-    ~ N(0, 0.02 / sqrt(2 * n_layers)) (GPT-2), norms 1. Built under
+    ~ N(0, 0.02 / sqrt(2 * n_layers)) (GPT-2), norms 1. The MoE layers the
+    same way (`moe_init`): the router and each expert's w1 (w3) ~ N(0, 0.02),
+    its w2 ~ N(0, 0.02 / sqrt(2 * n_layers)), biases 0, as a dense block
+    (not MoELayer's own nn.Linear default: docs/configuration.md). Built under
     torch.device("meta"), nothing is written until `reset_parameters()`
     (build.build_model: shard, `to_empty`, then reset).
 
@@ -283,6 +287,7 @@ class Transformer(nn.Module):
             self.lm_head = _linear(config.d_model, config.vocab_size, _INIT_STD)
         self.activation_checkpointing = False
         self._reset_dense()
+        self._reset_moe()
 
     def tie_weights(self) -> None:
         """Make the LM head the token embedding again (with tie_embeddings), after a `to_empty`.
@@ -297,8 +302,16 @@ class Transformer(nn.Module):
     def reset_parameters(self) -> None:
         """Write every parameter's initial values (all of them, this rank's shard, or none on meta)."""
         self._reset_dense()
+        self._reset_moe()
+
+    def moe_init(self) -> NormalInit:
+        """The MoE layers' initial distributions: as the dense blocks' (module doc)."""
+        return NormalInit(std=_INIT_STD, out_std=_residual_std(self.config), router_std=_INIT_STD)
+
+    @torch.no_grad()
+    def _reset_moe(self) -> None:
         for _, layer in self.moe_layers():
-            layer.reset_parameters()
+            layer.reset_parameters(init=self.moe_init())
 
     @torch.no_grad()
     def _reset_dense(self) -> None:

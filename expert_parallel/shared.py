@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import MoEConfig
-from .experts import Activation, uniform_
+from .experts import Activation, NormalInit, normal_, uniform_
 
 
 class SharedExperts(nn.Module):
@@ -45,14 +45,19 @@ class SharedExperts(nn.Module):
         return y_TO
 
     @torch.no_grad()
-    def reset_parameters(self, generator: torch.Generator) -> None:
-        """nn.Linear's default init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), from `generator`."""
+    def reset_parameters(self, generator: torch.Generator, init: NormalInit | None = None) -> None:
+        """nn.Linear's default init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), from `generator`; with
+        `init`, the routed experts' normal distributions (the gate as w1)."""
         from_input = 1.0 / math.sqrt(self.w1.shape[0])
         from_hidden = 1.0 / math.sqrt(self.w2.shape[0])
         for name in ("w1", "b1", "w3", "b3", "w2", "b2", "gate"):
             param = getattr(self, name)
-            if param is not None:
+            if param is None:
+                continue
+            if init is None:
                 uniform_(param, from_hidden if name in ("w2", "b2") else from_input, generator)
+            else:
+                normal_(param, init.std_of("w1" if name == "gate" else name), generator)
 
 
 def _linear(x: Tensor, w_IJ: Tensor, b_J: Tensor | None) -> Tensor:

@@ -38,11 +38,14 @@ def test_reproduces_the_expert_router_moe_with_d_out_128():
     out = layer(x).out
     assert out.shape == (4, 128)
     torch.testing.assert_close(out, reference(x), rtol=1e-5, atol=1e-6)
-    # top-1 with renormalised weights: the output is exactly the chosen expert's output.
-    chosen = route(layer.router(x), layer.config).expert_ids[:, 0]
-    for t, e in enumerate(chosen.tolist()):
-        alone = layer.experts(x[t : t + 1], [1 if g == e else 0 for g in range(8)])
-        assert torch.equal(out[t], alone[0])
+    # top-1 with renormalised weights: the output is exactly the chosen expert's output. Each expert
+    # runs on the same rows as inside the layer (its tokens, in order): a GEMM over fewer rows may
+    # take another kernel and round differently (seen on AVX512 with one row per call).
+    chosen_T = route(layer.router(x), layer.config).expert_ids[:, 0]
+    for e in chosen_T.unique().tolist():
+        mine = (chosen_T == e).nonzero().squeeze(1)
+        alone = layer.experts(x[mine], [mine.numel() if g == e else 0 for g in range(8)])
+        assert torch.equal(out[mine], alone)
 
 
 def loop_reference(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
