@@ -101,8 +101,25 @@ def test_side_by_side_and_skew_smoke_run_then_the_report(tmp_path):
     )
     assert report.returncode == 0, report.stderr[-3000:]
     assert "| skew | setting |" in report.stdout and "| one | dropless |" in report.stdout
-    if importlib.util.find_spec("matplotlib") is not None:
-        assert (plots / "bench_skew.png").stat().st_size > 0
+    if importlib.util.find_spec("matplotlib") is None:
+        assert "no plots: matplotlib is not installed" in report.stdout
+
+
+@pytest.mark.extras
+def test_the_report_draws_both_plots_with_matplotlib(tmp_path):
+    pytest.importorskip("matplotlib", reason="the plot extra: pip install -e '.[plot]'")
+    saved = [str(REPO / "benchmarks" / name) for name in ("skew.json", "tokens.json")]
+    report = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_report", *saved, "--plots", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert report.returncode == 0, report.stderr[-3000:]
+    for name in ("bench_tokens.png", "bench_skew.png"):
+        assert f"wrote {tmp_path / name}" in report.stdout
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.dist

@@ -10,7 +10,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-pytest.importorskip("transformers")
+pytest.importorskip("transformers", reason="the hf extra: pip install -e '.[hf]'")
+pytestmark = pytest.mark.extras  # needs the hf extra: .ci/run's second step
 
 from hf_blocks import DISPATCHES, KINDS, TOL, block_grads, block_output, build_block  # noqa: E402
 from rankpool import on_ranks  # noqa: E402

@@ -17,7 +17,8 @@ import torch.distributed as dist
 from collectives import counting_collectives
 from rankpool import on_ranks
 
-transformers = pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers", reason="the hf extra: pip install -e '.[hf]'")
+pytestmark = pytest.mark.extras  # needs the hf extra: .ci/run's second step
 
 from expert_parallel.hf import from_pretrained  # noqa: E402
 from expert_parallel.hf_generate import generate  # noqa: E402

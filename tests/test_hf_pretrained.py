@@ -20,7 +20,8 @@ import torch
 import torch.distributed as dist
 from rankpool import on_ranks
 
-transformers = pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers", reason="the hf extra: pip install -e '.[hf]'")
+pytestmark = pytest.mark.extras  # needs the hf extra: .ci/run's second step
 
 from expert_parallel.hf import HFMoEBlock, from_pretrained, save_pretrained  # noqa: E402
 
