@@ -48,7 +48,7 @@ from torch import Tensor
 
 from . import comm
 from .config import ExecutionConfig
-from .dispatch import (
+from .permutation import (
     DispatchPlan,
     PaddedPlan,
     RankDispatchPlan,

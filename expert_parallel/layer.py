@@ -18,9 +18,9 @@ from torch import Tensor, nn
 
 from . import comm
 from .config import ExecutionConfig, MoEConfig
-from .dispatch import scaled_assignments, sum_choices
 from .dispatchers import ExpertLayout, FixedDispatcher, GroupCounts, for_call, make_dispatcher
 from .experts import Experts, uniform_
+from .permutation import scaled_assignments, sum_choices
 from .placement import Placement
 from .router import Routing, route, switch_aux_loss
 from .shared import SharedExperts

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 import expert_parallel as ep
-from expert_parallel.config import load_toml
+from expert_parallel.config_file import load_toml
 
 
 @dataclass(frozen=True)
