@@ -54,7 +54,7 @@ class MoEConfig:
         (summed over the layer's stats_group and over the micro-batches of the
         step so far) or "sequence" (per sequence of a [B, S, D] input, averaged).
 
-    Routing of today's open models (README "Routers of open models"):
+    Routing of today's open models (docs/configuration.md#routers-of-open-models):
     routed_scaling_factor: multiplies the final routed weights (DeepSeek-V3: 2.5).
     selection_bias: a per-expert bias buffer [E] added to the scores (softmax
         probabilities or sigmoid scores) for choosing experts only; the weights
@@ -83,7 +83,7 @@ class MoEConfig:
     fills MoEConfig alone.
 
     Defaults follow the modern dropless top-2 softmax router (Mixtral-like
-    routing, SimpleMoE-like experts): see README "Configuration".
+    routing, SimpleMoE-like experts): see docs/configuration.md.
     """
 
     d_model: int
