@@ -88,6 +88,7 @@ from benchmarks.bench_tools import (
 from expert_parallel.allocator import keep_freed_memory, return_freed_memory, trim
 from expert_parallel.checks import InputCheck
 from expert_parallel.config import DISPATCH_MODES
+from expert_parallel.lifecycle import shutdown_after
 from expert_parallel.plan import plan_call
 
 PHASES = bench_peers.PHASES
@@ -1018,7 +1019,7 @@ def main(argv: list[str]) -> int:
     # gloo even where CUDA is present: this benchmark measures CPU ranks.
     ep.init_distributed(backend="gloo")
     torch.set_num_threads(args.threads)
-    try:
+    with shutdown_after():
         start = time.perf_counter()
         info = machine()
         say(
@@ -1061,11 +1062,6 @@ def main(argv: list[str]) -> int:
             }
             args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
         return 0
-    except BaseException:
-        ep.shutdown(barrier=False)  # a rank failing alone must not wait for peers that wait for it
-        raise
-    finally:
-        ep.shutdown()  # no-op after the line above
 
 
 if __name__ == "__main__":

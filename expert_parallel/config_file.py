@@ -6,8 +6,20 @@ which rejects unknown keys by name; `check_sections` refuses unknown sections.
 
 from __future__ import annotations
 
+import argparse
 import tomllib
 from pathlib import Path
+
+
+def command_line(description: str, argv: list[str], default_config: str | None = None) -> dict:
+    """The TOML tree an entry point's `--config FILE [section.key=value ...]` names (load_toml)."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", required=default_config is None, default=default_config)
+    parser.add_argument("overrides", nargs="*", help="section.key=value")
+    args = parser.parse_args(argv)
+    return load_toml(args.config, args.overrides)
 
 
 def load_toml(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict:

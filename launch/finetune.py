@@ -15,23 +15,15 @@ export), [moe] MoEConfig overrides, [execution], [data], [train],
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from expert_parallel.config_file import load_toml
+from expert_parallel.config_file import command_line
 from expert_parallel.finetuning import FinetuneConfig, FineTuner
 from expert_parallel.training import run_training
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--config", required=True)
-    parser.add_argument("overrides", nargs="*", help="section.key=value")
-    args = parser.parse_args(argv)
-    config = FinetuneConfig.from_tree(load_toml(args.config, args.overrides))
-    return run_training(config, trainer_class=FineTuner)
+    return run_training(FinetuneConfig.from_tree(command_line(__doc__, argv)), trainer_class=FineTuner)
 
 
 if __name__ == "__main__":

@@ -14,10 +14,9 @@ docs/training.md.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from expert_parallel.config_file import load_toml
+from expert_parallel.config_file import command_line
 from expert_parallel.training import (  # re-exported for code that imported them from here
     BeforeForward,
     ParallelConfig,
@@ -43,13 +42,7 @@ __all__ = [
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--config", required=True)
-    parser.add_argument("overrides", nargs="*", help="section.key=value")
-    args = parser.parse_args(argv)
-    return run_training(RunConfig.from_tree(load_toml(args.config, args.overrides)))
+    return run_training(RunConfig.from_tree(command_line(__doc__, argv)))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,5 @@
 """The single-process MoELayer: the two starting designs, a per-token loop, shapes and bad input."""
 
-
 import pytest
 import torch
 import torch.nn.functional as F
