@@ -86,7 +86,10 @@ from benchmarks.bench_tools import (
     timed_step,
 )
 from expert_parallel.allocator import keep_freed_memory, return_freed_memory, trim
+from expert_parallel.checks import InputCheck
 from expert_parallel.config import DISPATCH_MODES
+from expert_parallel.lifecycle import shutdown_after
+from expert_parallel.plan import plan_call
 
 PHASES = bench_peers.PHASES
 COMPILE_BACKENDS = ("inductor", "aot_eager")
@@ -403,7 +406,7 @@ def floor_step(num_rows: int, config: ep.MoEConfig, generator: torch.Generator, 
 def instrumented_step(layer: ep.MoELayer, x_TD: torch.Tensor, upstream_TO: torch.Tensor):
     """Phase by phase through the layer's own parts: seconds per "<phase> fwd|bwd".
 
-    The parts MoELayer.forward calls, in its order: `_route` (routing), the
+    The parts MoELayer.forward calls, in its order (its steps 1-5): `_route` (routing), the
     dispatcher's `exchange_counts` and `dispatch` (permutation), the experts,
     the dispatcher's `combine` (combine), then the loss. Time the layer's
     exchange clock sees inside the token exchanges is charged to
@@ -411,19 +414,19 @@ def instrumented_step(layer: ep.MoELayer, x_TD: torch.Tensor, upstream_TO: torch
     phase; the count exchange is "all-to-all" too. Left out, as too small to
     show: the input checks (one isfinite pass over x) and the stats.
     """
-    dispatcher = layer.dispatcher
-    device = layer.router.weight.device
+    plan = plan_call(layer.config, layer.dispatcher, None, training=layer.training, grad_enabled=True)
+    dispatcher, device, good = plan.dispatcher, layer.router.weight.device, InputCheck()
 
     def step() -> dict[str, float]:
         tape = PhaseTape(PHASES, layer.group, exchange_clock=layer.exchange_clock)
         x = x_TD.detach().requires_grad_()
         with tape.clock("routing"):
-            rows_TD, routing, _ = layer._route(x, None, None)
+            rows_TD, routing, _ = layer._route(x, good, plan, None)
             aux_loss = layer._aux_loss(routing, None)
         rows_TD, weights_TK, aux_loss = tape.cut("routing", rows_TD, routing.weights, aux_loss)
         routing = replace(routing, weights=weights_TK)
         with tape.clock("all-to-all", barrier=True):
-            counts = dispatcher.exchange_counts(x, routing, None, device)
+            counts = dispatcher.exchange_counts(x, routing, good, device)
         with tape.clock("permutation", barrier=True):
             chunks, record = dispatcher.dispatch(rows_TD, routing, counts)
             chunks = list(chunks)  # waits for every chunk's rows
@@ -1016,7 +1019,7 @@ def main(argv: list[str]) -> int:
     # gloo even where CUDA is present: this benchmark measures CPU ranks.
     ep.init_distributed(backend="gloo")
     torch.set_num_threads(args.threads)
-    try:
+    with shutdown_after():
         start = time.perf_counter()
         info = machine()
         say(
@@ -1059,11 +1062,6 @@ def main(argv: list[str]) -> int:
             }
             args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
         return 0
-    except BaseException:
-        ep.shutdown(barrier=False)  # a rank failing alone must not wait for peers that wait for it
-        raise
-    finally:
-        ep.shutdown()  # no-op after the line above
 
 
 if __name__ == "__main__":

@@ -19,13 +19,13 @@ import sys
 import torch
 
 from benchmarks.bench_tools import forced_expert_ids
-from expert_parallel.config import load_toml
-from launch import train
+from expert_parallel.config_file import load_toml
+from expert_parallel.training import BeforeForward, RunConfig, run_training
 
 ROUTINGS = ("uniform", "zipf", "one")
 
 
-def forced_routing(kind: str, seed: int) -> train.BeforeForward:
+def forced_routing(kind: str, seed: int) -> BeforeForward:
     """A Trainer before_forward hook that sets each MoE layer's forced expert ids for the next forward.
 
     The ids depend on (seed, step, rank, micro-batch) only, so a resumed run forces the same loads.
@@ -52,8 +52,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--config", required=True)
     parser.add_argument("overrides", nargs="*", help="section.key=value, as for launch.train")
     args = parser.parse_args(argv)
-    config = train.RunConfig.from_tree(load_toml(args.config, args.overrides))
-    return train.run_training(config, before_forward=forced_routing(args.routing, config.train.seed))
+    config = RunConfig.from_tree(load_toml(args.config, args.overrides))
+    return run_training(config, before_forward=forced_routing(args.routing, config.train.seed))
 
 
 if __name__ == "__main__":

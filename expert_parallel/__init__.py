@@ -3,9 +3,10 @@
 Experts sharded over the ranks of a process group, tokens exchanged with all-to-all.
 """
 
-from .comm import CollectiveError, distributed, init_distributed, shutdown
+from .comm import CollectiveError
 from .config import ExecutionConfig, MoEConfig
 from .layer import MoELayer, MoEOutput, RoutingStats
+from .lifecycle import distributed, init_distributed, shutdown
 from .router import Routing, route
 
 __all__ = [

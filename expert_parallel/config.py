@@ -1,18 +1,17 @@
-"""Validated configs: MoEConfig (what a layer computes), ExecutionConfig (how it runs); TOML and overrides.
+"""Validated configs: MoEConfig (what a layer computes), ExecutionConfig (how it runs).
 
 One validation style for every config in the project: frozen dataclasses
 whose __post_init__ calls `check_int`, `check_real` and `check_choice`, and
-one loader, `from_section`, that builds any of them from a TOML section and
-names `section.key` in its errors.
+one builder, `from_section`, that makes any of them from a TOML section and
+names `section.key` in its errors. Reading the TOML file and its overrides
+is config_file.py's.
 """
 
 from __future__ import annotations
 
 import math
-import tomllib
 import typing
 from dataclasses import dataclass, fields
-from pathlib import Path
 
 SCORE_FUNCS = ("softmax", "sigmoid")
 DROP_POLICIES = ("position", "probs")
@@ -55,7 +54,7 @@ class MoEConfig:
         (summed over the layer's stats_group and over the micro-batches of the
         step so far) or "sequence" (per sequence of a [B, S, D] input, averaged).
 
-    Routing of today's open models (README "Routers of open models"):
+    Routing of today's open models (docs/configuration.md#routers-of-open-models):
     routed_scaling_factor: multiplies the final routed weights (DeepSeek-V3: 2.5).
     selection_bias: a per-expert bias buffer [E] added to the scores (softmax
         probabilities or sigmoid scores) for choosing experts only; the weights
@@ -84,7 +83,7 @@ class MoEConfig:
     fills MoEConfig alone.
 
     Defaults follow the modern dropless top-2 softmax router (Mixtral-like
-    routing, SimpleMoE-like experts): see README "Configuration".
+    routing, SimpleMoE-like experts): see docs/configuration.md.
     """
 
     d_model: int
@@ -297,37 +296,6 @@ class ExecutionConfig:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-def load_toml(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict:
-    """Read a TOML file and apply dotted `section.key=value` overrides (command line > TOML).
-
-    Values parse as TOML (`4`, `1.25`, `true`, `"gelu"`); `none` means None
-    (e.g. `moe.capacity_factor=none` for dropless); anything else is a string.
-    Each override's sections must exist in the file; the consumer of a section
-    (`from_section`) rejects unknown keys by name.
-    """
-    with open(path, "rb") as handle:
-        tree = tomllib.load(handle)
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        *sections, leaf = key.strip().split(".")
-        if not sep or not sections or not leaf:
-            raise ValueError(f"override {item!r} must look like section.key=value")
-        node = tree
-        for section in sections:
-            if not isinstance(node.get(section), dict):
-                raise ValueError(f"override {item!r}: no section {section!r} in {path}")
-            node = node[section]
-        node[leaf] = _parse_value(raw.strip())
-    return tree
-
-
-def check_sections(tree: dict, known: tuple[str, ...]) -> None:
-    """Refuse a TOML tree with a section outside `known`, naming them all."""
-    unknown = sorted(set(tree) - set(known))
-    if unknown:
-        raise ValueError(f"unknown section(s) {unknown}; known: {', '.join(known)}")
-
-
 def from_section(cls: type, section: str, values: dict):
     """Build the dataclass `cls` from a TOML section, naming `section.key` in every error.
 
@@ -351,15 +319,6 @@ def from_section(cls: type, section: str, values: dict):
             names = " or ".join(getattr(t, "__name__", str(t)) for t in allowed)
             raise ValueError(f"{section}.{key} must be {names}, got {value!r}")
     return cls(**converted)
-
-
-def _parse_value(raw: str) -> object:
-    if raw.lower() in ("none", "null"):
-        return None
-    try:
-        return tomllib.loads(f"value = {raw}")["value"]
-    except tomllib.TOMLDecodeError:
-        return raw
 
 
 def check_int(owner: str, name: str, value: object, minimum: int) -> None:

@@ -2,7 +2,7 @@
 
 One interface, four ways of moving tokens:
 
-    counts = dispatcher.exchange_counts(x, routing, problem, device)   # None without a group
+    counts = dispatcher.exchange_counts(x, routing, check, device)   # None without a group
     chunks, record = dispatcher.dispatch(x_TD, routing, counts)
     y_chunks = (experts(c.x, c.rows_per_expert) for c in chunks)
     out_TO = dispatcher.combine(y_chunks, record)
@@ -17,7 +17,10 @@ One interface, four ways of moving tokens:
 - FixedDispatcher: for decoding. C padded slots per (rank, expert), C a token
   bound every rank knows, so there is no count exchange and no host sync:
   one equal-split all-to-all each way. `for_call` picks it by itself for a
-  small, agreed token bound at eval time.
+  small, agreed token bound at eval time. The only dispatcher that knows
+  "fixed": the layer asks a dispatcher, not its kind, whether it promises
+  no host sync (`host_sync_free`) and whether it traces into one graph
+  (`traceable`).
 
 `chunks` is lazy: chunk c's rows are waited for only when the experts reach
 it, and `combine` starts sending chunk c's outputs back before it asks for
@@ -47,8 +50,9 @@ import torch
 from torch import Tensor
 
 from . import comm
+from .checks import InputCheck
 from .config import ExecutionConfig
-from .dispatch import (
+from .permutation import (
     DispatchPlan,
     PaddedPlan,
     RankDispatchPlan,
@@ -123,15 +127,19 @@ class LocalDispatcher:
 
     Under torch.compile, capacity routing fills E * C padded slots (static
     shapes, batched GEMMs), so the layer is one graph; dropless routing runs
-    here eagerly, between the layer's graphs (MoELayer._in_graph_or_not).
+    here eagerly, between the layer's graphs (plan.CallPlan.island).
     """
+
+    traceable = True  # capacity routing has static shapes under torch.compile
+    host_sync_free = False
 
     def __init__(self, layout: ExpertLayout, execution: ExecutionConfig, where: str):
         self.layout, self.execution, self.where = layout, execution, where
 
-    def exchange_counts(self, x: object, routing: Routing | None, problem, device: torch.device) -> None:
-        if problem is not None:
-            raise problem[0](f"{self.where}: {problem[1]}")
+    def exchange_counts(
+        self, x: object, routing: Routing | None, check: InputCheck, device: torch.device
+    ) -> None:
+        check.raise_if_bad(self.where)
         return None
 
     def dispatch(self, x_TD: Tensor, routing: Routing, counts: None) -> tuple[list[ExpertRows], _LocalRecord]:
@@ -177,19 +185,22 @@ class _GroupDispatcher:
         )
 
     counts_rows_per_rank = False  # once-per-rank dispatch also exchanges rows per destination rank
+    traceable = False  # the splits are host ints that change every step
+    host_sync_free = False
 
     def _rank_plan(self, physical: Routing) -> RankDispatchPlan | None:
         return None
 
     def exchange_counts(
-        self, x: object, routing: Routing | None, problem, device: torch.device
+        self, x: object, routing: Routing | None, check: InputCheck, device: torch.device
     ) -> GroupCounts:
         """Every rank's kept rows per physical expert (and per destination rank); fails on every
         rank at once if any rank's input is bad, ranks disagree on dtype or grad mode, or an
         expert would get more rows than ExecutionConfig.max_tokens_per_expert.
 
         NOTE: counts go first, in a fixed-size collective, because the token
-        all-to-all needs every rank's split sizes. Host sync.
+        all-to-all needs every rank's split sizes. Host sync. A rank whose
+        `check` failed takes part with no rows, then raises (checks.py says why).
         """
         layout = self.layout
         num_physical = layout.size * layout.num_local_experts
@@ -205,10 +216,9 @@ class _GroupDispatcher:
                 counts = torch.cat([counts, torch.tensor(rank_plan.rows_per_rank, device=counts.device)])
         dtype_code = _DTYPE_CODES.get(x.dtype, -1) if isinstance(x, Tensor) else -1
         # Ranks building a graph and ranks not would disagree on the backward's exchanges: a hang.
-        status = [int(problem is not None), dtype_code, int(torch.is_grad_enabled())]
+        status = [int(not check.ok), dtype_code, int(torch.is_grad_enabled())]
         counts_PX, status_P = comm.gather_counts(counts, status, self.group, self.clock)
-        if problem is not None:
-            raise problem[0](f"{self.where}: {problem[1]}")
+        check.raise_if_bad(self.where)
         _check_status(status_P, self.where)
         rows_PE = [row[:num_physical] for row in counts_PX]
         check_expert_load(rows_PE, self.execution, self.where)
@@ -374,6 +384,9 @@ class FixedDispatcher:
     the all-to-all fail with CollectiveError, as on every path.
     """
 
+    traceable = False
+    host_sync_free = True  # so the layer skips the NaN / Inf checks of its input and router logits
+
     def __init__(
         self,
         layout: ExpertLayout,
@@ -387,11 +400,10 @@ class FixedDispatcher:
         self.where, self.clock, self.tokens_per_rank = where, clock, tokens_per_rank
 
     def exchange_counts(
-        self, x: object, routing: Routing | None, problem, device: torch.device
+        self, x: object, routing: Routing | None, check: InputCheck, device: torch.device
     ) -> FixedCounts:
-        """C, from the bound alone; raises this rank's problem at once (there is no exchange to carry it)."""
-        if problem is not None:
-            raise problem[0](f"{self.where}: {problem[1]}")
+        """C, from the bound alone; raises this rank's bad input at once (no exchange could carry it)."""
+        check.raise_if_bad(self.where)
         # NOTE: tokens of the input, not rows of `routing`: with weights on the experts' input
         # each (token, choice) is a row of its own, and still at most T rows reach one expert.
         num_tokens = x.numel() // x.shape[-1]

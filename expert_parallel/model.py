@@ -110,12 +110,13 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> ModelConfig:
-        """A config from plain values (a TOML [model] section); `moe` may be a dict (-> MoEConfig)."""
+        """A config from plain values (a TOML [model] section); `moe` may be a dict (-> MoEConfig)
+        whose d_model, when it leaves it out, is the model's."""
         values = dict(values)
         moe = values.pop("moe", None)
         model = from_section(cls, "model", values)
         if isinstance(moe, dict):
-            moe = MoEConfig.from_dict(moe)
+            moe = MoEConfig.from_dict({"d_model": model.d_model, **moe})
         return dataclasses.replace(model, moe=moe) if moe is not None else model
 
 

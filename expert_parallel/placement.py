@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .dispatch import sort_by_id
+from .permutation import sort_by_id
 from .router import Routing
 
 

@@ -206,6 +206,13 @@ def switch_aux_loss(choices_E: Tensor, mean_probs_E: Tensor) -> Tensor:
     return choices_E.numel() * (fraction_E * mean_probs_E).sum()
 
 
+def selection_bias_step(load_E: Tensor, rate: float) -> Tensor:
+    """[E] u * sign(mean load - load): the selection bias's update after an optimizer step, load_E the
+    choices per expert summed over the step and the stats group, u = rate (DeepSeek-V3's
+    auxiliary-loss-free balancing: an under-loaded expert's bias rises, an over-loaded one's falls)."""
+    return torch.sign(load_E.mean() - load_E) * rate
+
+
 def sequence_aux_loss(
     probs_TE: Tensor, expert_ids_TK: Tensor, num_experts: int, sequence_length: int
 ) -> Tensor:

@@ -11,7 +11,6 @@ fraction, the expert load and the rows each rank sent to other ranks.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 import expert_parallel as ep
-from expert_parallel.config import load_toml
+from expert_parallel.config_file import command_line
 
 
 @dataclass(frozen=True)
@@ -76,18 +75,11 @@ def check_against_single_process(
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--config", default="configs/demo.toml")
-    parser.add_argument("overrides", nargs="*", help="section.key=value")
-    args = parser.parse_args(argv)
-    tree = load_toml(args.config, args.overrides)
+    tree = command_line(__doc__, argv, default_config="configs/demo.toml")
     config = ep.MoEConfig.from_dict(tree.get("moe", {}))
     settings = DemoSettings.from_dict(tree.get("demo", {}))
 
-    device = ep.init_distributed()
-    try:
+    with ep.distributed() as device:
         rank, world = dist.get_rank(), dist.get_world_size()
         torch.manual_seed(settings.seed)
         layer = ep.MoELayer(config, dist.group.WORLD).to(device)
@@ -135,11 +127,6 @@ def main(argv: list[str]) -> int:
                 )
         say(f"done: {settings.steps} steps on {world} ranks in {time.perf_counter() - start:.1f} s")
         return 0
-    except BaseException:
-        ep.shutdown(barrier=False)  # a rank failing alone must not wait for peers that wait for it
-        raise
-    finally:
-        ep.shutdown()  # no-op after the line above
 
 
 if __name__ == "__main__":

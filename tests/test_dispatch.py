@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from expert_parallel import ExecutionConfig, MoEConfig, MoELayer, route
-from expert_parallel.dispatch import (
+from expert_parallel.dispatchers import check_expert_load, chunk_bounds
+from expert_parallel.experts import grouped_linear
+from expert_parallel.permutation import (
     combine,
     expand_by_expert,
     inverse_permutation,
@@ -18,8 +20,6 @@ from expert_parallel.dispatch import (
     sum_rows,
     weighted_sum,
 )
-from expert_parallel.dispatchers import check_expert_load, chunk_bounds
-from expert_parallel.experts import grouped_linear
 from expert_parallel.router import Routing
 
 

@@ -1,10 +1,10 @@
-"""launch.expert_load: the trainer's standard-library PNG of expert load decodes and shows the shares."""
+"""expert_load: the trainer's standard-library PNG of expert load decodes and shows the shares."""
 
 import json
 import struct
 import zlib
 
-from launch.expert_load import MAX_COLUMNS, colour, write_png
+from expert_parallel.expert_load import MAX_COLUMNS, colour, write_png
 
 
 def decode(data: bytes) -> tuple[int, int, list[bytes]]:

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from multirank import REPO
 
 transformers = pytest.importorskip("transformers", reason="the hf extra: pip install -e '.[hf]'")
-pytestmark = [pytest.mark.dist, pytest.mark.slow, pytest.mark.extras]  # every test runs the fine-tuner as processes
+# Every test runs the fine-tuner as processes.
+pytestmark = [pytest.mark.dist, pytest.mark.slow, pytest.mark.extras]
 
 SMALL = dict(
     vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

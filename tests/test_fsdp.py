@@ -22,11 +22,12 @@ from torch.distributed.tensor import DTensor
 
 from expert_parallel import checkpoint
 from expert_parallel.build import build_model
-from expert_parallel.config import MoEConfig, load_toml
+from expert_parallel.config import MoEConfig
+from expert_parallel.config_file import load_toml
 from expert_parallel.layer import MoELayer
 from expert_parallel.model import ModelConfig, Transformer
 from expert_parallel.parallel import Layout, check_optimizer_tracks, make_layout
-from launch.train import RunConfig, Trainer, global_grad_norm
+from expert_parallel.training import RunConfig, Trainer, global_grad_norm
 
 ONE_PROCESS = Layout(1, 1, 0, 0, None, None, None)
 CASES = {

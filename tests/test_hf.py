@@ -16,6 +16,7 @@ pytestmark = pytest.mark.extras  # needs the hf extra: .ci/run's second step
 from hf_blocks import DISPATCHES, KINDS, TOL, block_grads, block_output, build_block  # noqa: E402
 from rankpool import on_ranks  # noqa: E402
 
+from expert_parallel import ExecutionConfig  # noqa: E402
 from expert_parallel.hf import copy_to_hf_block, from_hf_block  # noqa: E402
 
 
@@ -115,6 +116,10 @@ def test_overrides_and_refusals():
     layer = from_hf_block(block, dispatch="once_per_rank", exchange_chunks=1, gemm="loop")
     assert (layer.execution.dispatch, layer.execution.gemm) == ("once_per_rank", "loop")
     assert layer.config == from_hf_block(block).config
+    # An ExecutionConfig passes whole; fields named among the overrides replace its own.
+    execution = ExecutionConfig(dispatch="once_per_rank", gemm="loop")
+    assert from_hf_block(block, execution=execution).execution == execution
+    assert from_hf_block(block, execution=execution, gemm="auto").execution.gemm == "auto"
     with pytest.raises(ValueError, match="ExecutionConfig.dispatch"):
         from_hf_block(block, dispatch="per_token")
     with pytest.raises(ValueError, match="no field"):
@@ -247,3 +252,11 @@ def test_experts_whose_gating_differs_from_their_attributes_are_refused():
     )  # no clamps, no +1
     with pytest.raises(ValueError, match=r"GptOssMLP\.experts: their gating .* is not clamped_swiglu"):
         from_hf_block(block)
+
+
+def test_the_compatibility_modules_name_the_hf_packages_objects():
+    import expert_parallel.hf as hf
+    from expert_parallel import hf_generate, hf_lm
+
+    assert hf_generate.generate is hf.generate
+    assert (hf_lm.HFCausalLM, hf_lm.moe_outputs) == (hf.HFCausalLM, hf.moe_outputs)

@@ -1,4 +1,4 @@
-"""hf_generate.generate: a Hugging Face model with its experts sharded generates as one process does.
+"""hf.generate: a Hugging Face model with its experts sharded generates as one process does.
 
 A tiny random Mixtral (routers sharpened, so that routing is far from
 uniform) is saved by transformers. On 2 and 4 gloo ranks each rank takes its
@@ -20,8 +20,7 @@ from rankpool import on_ranks
 transformers = pytest.importorskip("transformers", reason="the hf extra: pip install -e '.[hf]'")
 pytestmark = pytest.mark.extras  # needs the hf extra: .ci/run's second step
 
-from expert_parallel.hf import from_pretrained  # noqa: E402
-from expert_parallel.hf_generate import generate  # noqa: E402
+from expert_parallel.hf import from_pretrained, generate  # noqa: E402
 
 PROMPTS_PER_RANK = [1, 3, 0, 2]  # rank 2 of 4 has none and still takes part in every exchange
 

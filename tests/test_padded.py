@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 import expert_parallel as ep
-from expert_parallel.dispatch import (
+from expert_parallel.permutation import (
     combine,
     combine_padded,
     permute,

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from expert_parallel import MoEConfig, route
-from expert_parallel.dispatch import combine, permute, plan_dispatch
+from expert_parallel.permutation import combine, permute, plan_dispatch
 
 LOGIT_KINDS = ("normal", "skewed", "ties", "huge")
 CAPACITY_FACTORS = st.one_of(

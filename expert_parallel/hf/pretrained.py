@@ -1,6 +1,6 @@
 """A Hugging Face MoE checkpoint loaded by shard (only the dense tensors and this rank's experts), and saved.
 
-`from_pretrained(path, group)` (re-exported as `expert_parallel.hf.from_pretrained`):
+`from_pretrained(path, group)` (exported as `expert_parallel.hf.from_pretrained`):
 
 1. reads the directory's `config.json` (no code from the directory runs unless
    `trust_remote_code=True`) and builds the transformers model of the
@@ -53,21 +53,22 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .hf import (
+from ..config import ExecutionConfig
+from ..layer import MoELayer
+from .blocks import (
     FusedLayout,
-    _check_routing,
-    _config_from_block,
-    _shared_mlp,
-    _split_overrides,
+    check_routing,
+    config_from_block,
     fused_layout,
     router_linear_name,
     router_name,
     router_of,
     selection_bias_name,
     shared_attribute,
+    shared_mlp,
+    split_overrides,
     tensor_at,
 )
-from .layer import MoELayer
 
 _EXPERT_INDEX = re.compile(r"\.experts\.(\d+)\.")
 
@@ -120,6 +121,7 @@ def from_pretrained(
     dtype: torch.dtype | None = None,
     trust_remote_code: bool = False,
     stats_group=None,
+    execution: ExecutionConfig | None = None,
     **overrides,
 ) -> nn.Module:
     """The checkpoint's transformers model with every MoE block an MoELayer holding this rank's experts.
@@ -129,8 +131,9 @@ def from_pretrained(
     "global_batch" aux loss and selection-bias updates: every rank that sees
     other tokens (the world under dp x ep; MoELayer's `stats_group`).
     `dtype`: of the parameters (default: the config's `dtype`, else float32).
-    `overrides`: MoEConfig fields (capacity_factor, aux_loss_coef, aux_loss_scope, ...)
-    or ExecutionConfig fields (dispatch, ...), as for `from_hf_block`.
+    `execution`: how the layers run (default ExecutionConfig()).
+    `overrides`: MoEConfig fields (capacity_factor, aux_loss_coef, aux_loss_scope, ...),
+    and ExecutionConfig fields (dispatch, ...) that replace `execution`'s, as for `from_hf_block`.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -142,7 +145,7 @@ def from_pretrained(
     with _parameters_on_meta():
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, trust_remote_code=trust_remote_code)
     reader = _Checkpoint(path, model)
-    execution, moe_overrides = _split_overrides(overrides)
+    execution, moe_overrides = split_overrides(overrides, execution)
     blocks = [(name, m) for name, m in model.named_modules() if _is_moe_block(m)]
     if not blocks:
         raise ValueError(
@@ -151,7 +154,7 @@ def from_pretrained(
         )
     for name, block in blocks:
         try:
-            config = _config_from_block(block, moe_overrides)
+            config = config_from_block(block, moe_overrides)
             block_format = _block_format(block)
         except ValueError as err:
             raise ValueError(f"{path}: the MoE block at {name}: {err}") from err
@@ -164,7 +167,7 @@ def from_pretrained(
         _materialize(router_of(block))
         reader.load_into(f"{name}.{router_name(block)}", router_of(block))
         try:
-            _check_routing(block, layer)
+            check_routing(block, layer)
         except TypeError as err:  # a router whose forward takes more than the hidden states
             raise ValueError(
                 f"{type(block).__name__} at {name}: its router cannot be checked ({err})"
@@ -258,7 +261,7 @@ def _block_format(block: nn.Module) -> BlockFormat:
 
 def _shared_names(block: nn.Module) -> tuple[str, tuple[str, str, str]] | None:
     """(attribute, (gate, up, down) projection names) of a block's shared experts; None without them."""
-    shared = _shared_mlp(block)
+    shared = shared_mlp(block)
     if shared is None:
         return None
     names = ("gate_proj", "up_proj", "down_proj") if hasattr(shared, "gate_proj") else ("w1", "w3", "w2")
@@ -566,7 +569,7 @@ class _DiskNames:
 @torch.no_grad()
 def _block_tensors(name: str, block: HFMoEBlock, names: _DiskNames) -> dict[str, Tensor]:
     """One MoE block's tensors under the checkpoint's keys; its experts gathered from every rank."""
-    from .hf import _all_gather_experts
+    from .blocks import all_gather_experts
 
     layer = block.layer
     if layer.placement is not None:
@@ -582,7 +585,7 @@ def _block_tensors(name: str, block: HFMoEBlock, names: _DiskNames) -> dict[str,
 
     def gathered(local_eXY: Tensor) -> Tensor:
         local_eXY = _whole(local_eXY)  # this ep rank's experts, from their FSDP shards over dp
-        return _all_gather_experts(local_eXY, layer.group) if layer.group is not None else local_eXY
+        return all_gather_experts(local_eXY, layer.group) if layer.group is not None else local_eXY
 
     layout, experts = block_format.layout, layer.experts
     fused_tensors = [  # in the block's layout, e.g. gate_up_proj [E, 2I, D]: the gate rows, then the up rows

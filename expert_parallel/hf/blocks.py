@@ -65,10 +65,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import ExecutionConfig, MoEConfig
-from .experts import Activation
-from .layer import MoELayer
-from .router import route
+from ..config import ExecutionConfig, MoEConfig
+from ..experts import Activation
+from ..layer import MoELayer
+from ..router import route
 
 EXPERT_TENSORS = ("w1", "w3", "w2", "b1", "b3", "b2")  # the layer's per-expert tensors a block may hold
 
@@ -80,20 +80,29 @@ _SELECTION_BIASES = (
 )
 
 
-def from_hf_block(block: nn.Module, group=None, *, name: str | None = None, **overrides) -> MoELayer:
+def from_hf_block(
+    block: nn.Module,
+    group=None,
+    *,
+    name: str | None = None,
+    execution: ExecutionConfig | None = None,
+    **overrides,
+) -> MoELayer:
     """A MoELayer over `group` computing what the transformers MoE `block` computes.
 
     Every rank passes the whole block (the same weights); rank r of P keeps
     the router, the shared experts and global experts r*E/P ... (r+1)*E/P - 1.
     The layer is dropless, has no aux loss, and takes the block's device and
     dtype; `overrides` are MoEConfig fields that replace the derived ones
-    (e.g. capacity_factor=1.25, aux_loss_coef=0.01) or ExecutionConfig fields
-    (e.g. dispatch="once_per_rank"). The global random state is left as it
-    was. Its forward returns an MoEOutput whose `out` is the block's output
-    tensor (blocks of transformers 4.x also return router logits; the layer does not).
+    (e.g. capacity_factor=1.25, aux_loss_coef=0.01). `execution`: how the
+    layer runs (default ExecutionConfig()); ExecutionConfig fields among the
+    overrides (e.g. dispatch="once_per_rank") replace its own. The global
+    random state is left as it was. Its forward returns an MoEOutput whose
+    `out` is the block's output tensor (blocks of transformers 4.x also
+    return router logits; the layer does not).
     """
-    execution, moe_overrides = _split_overrides(overrides)
-    config = _config_from_block(block, moe_overrides)
+    execution, moe_overrides = split_overrides(overrides, execution)
+    config = config_from_block(block, moe_overrides)
     with torch.random.fork_rng(devices=[]):
         layer = MoELayer(config, group, execution=execution, name=name)
     weight = router_linear(block).weight
@@ -101,14 +110,21 @@ def from_hf_block(block: nn.Module, group=None, *, name: str | None = None, **ov
     with torch.no_grad():
         for mine, theirs in _paired_tensors(layer, block, layer.first_expert, layer.num_local_experts):
             mine.copy_(theirs)
-    _check_routing(block, layer)
+    check_routing(block, layer)
     return layer
 
 
-def _split_overrides(overrides: dict) -> tuple[ExecutionConfig, dict]:
-    """(the ExecutionConfig of the overrides naming its fields, the rest: MoEConfig fields)."""
+def split_overrides(
+    overrides: dict, execution: ExecutionConfig | None = None
+) -> tuple[ExecutionConfig, dict]:
+    """(`execution` with the overrides naming ExecutionConfig fields, the rest: MoEConfig fields).
+
+    Callers holding an ExecutionConfig pass it whole; naming its fields among
+    the overrides is a shorthand for one-off calls.
+    """
     execution_fields = {f.name for f in fields(ExecutionConfig)}
-    execution = ExecutionConfig(**{k: v for k, v in overrides.items() if k in execution_fields})
+    mine = {k: v for k, v in overrides.items() if k in execution_fields}
+    execution = replace(execution, **mine) if execution is not None else ExecutionConfig(**mine)
     return execution, {k: v for k, v in overrides.items() if k not in execution_fields}
 
 
@@ -127,7 +143,7 @@ def copy_to_hf_block(layer: MoELayer, block: nn.Module, *, gather: bool = False)
             "call layer.apply_placement(None) first to return to one copy of each expert"
         )
     mine = layer.config
-    theirs = _config_from_block(block, {f: getattr(mine, f) for f in _NOT_IN_A_BLOCK})
+    theirs = config_from_block(block, {f: getattr(mine, f) for f in _NOT_IN_A_BLOCK})
     differ = [f.name for f in fields(MoEConfig) if getattr(theirs, f.name) != getattr(mine, f.name)]
     if differ or theirs.shared_hidden != mine.shared_hidden:
         pairs = ", ".join(f"{f}: layer {getattr(mine, f)!r}, block {getattr(theirs, f)!r}" for f in differ)
@@ -136,7 +152,7 @@ def copy_to_hf_block(layer: MoELayer, block: nn.Module, *, gather: bool = False)
     experts = {}
     if gather and layer.group is not None:
         experts = {
-            n: _all_gather_experts(getattr(layer.experts, n), layer.group)
+            n: all_gather_experts(getattr(layer.experts, n), layer.group)
             for n in EXPERT_TENSORS
             if getattr(layer.experts, n) is not None
         }
@@ -193,7 +209,7 @@ def tensor_at(module: nn.Module, name: str) -> Tensor | None:
     return getattr(holder, leaf, None)
 
 
-def _config_from_block(block: nn.Module, overrides: dict) -> MoEConfig:
+def config_from_block(block: nn.Module, overrides: dict) -> MoEConfig:
     where = type(block).__name__
     router, experts = router_of(block), _required(block, "experts")
     hf_config = getattr(block, "config", None) or getattr(experts, "config", None)
@@ -245,7 +261,7 @@ def _config_from_block(block: nn.Module, overrides: dict) -> MoEConfig:
             normalize_weights=bool(normalize),
             routed_scaling_factor=float(_first_attr((router,), "routed_scaling_factor") or 1.0),
         )
-    shared = _shared_mlp(block)
+    shared = shared_mlp(block)
     if shared is not None:
         width = _mlp_views(shared, f"{where}.{shared_attribute(block)}")[0].shape[1]
         count = getattr(hf_config, "n_shared_experts", None) or 1
@@ -289,7 +305,7 @@ def _paired_tensors(layer: MoELayer, block: nn.Module, first: int, count: int, e
         stacked = (experts or {}).get(name, getattr(layer.experts, name))
         for g, view in enumerate(column):
             yield stacked[g], view
-    shared = _shared_mlp(block)
+    shared = shared_mlp(block)
     if shared is not None:
         for name, view in zip(("w1", "w3", "w2"), _mlp_views(shared, "shared expert")):
             yield getattr(layer.shared_experts, name), view
@@ -451,7 +467,7 @@ def shared_attribute(block: nn.Module) -> str | None:
     return next((a for a in SHARED_ATTRIBUTES if getattr(block, a, None) is not None), None)
 
 
-def _shared_mlp(block: nn.Module) -> nn.Module | None:
+def shared_mlp(block: nn.Module) -> nn.Module | None:
     attribute = shared_attribute(block)
     return getattr(block, attribute) if attribute is not None else None
 
@@ -463,7 +479,7 @@ def _check_silu(act: object, where: str) -> None:
 
 
 @torch.no_grad()
-def _check_routing(block: nn.Module, layer: MoELayer, num_tokens: int = 64) -> None:
+def check_routing(block: nn.Module, layer: MoELayer, num_tokens: int = 64) -> None:
     """Refuse a block whose router, run on random tokens, disagrees with the layer's routing."""
     router, weight = router_of(block), router_linear(block).weight
     dtype = weight.dtype
@@ -508,7 +524,7 @@ def _router_weights(block: nn.Module, router: nn.Module, x_TD: Tensor, layer: Mo
     return want_TE.scatter_(1, ids_TK.long(), weights_TK.float())
 
 
-def _all_gather_experts(local_eXY: Tensor, group) -> Tensor:
+def all_gather_experts(local_eXY: Tensor, group) -> Tensor:
     """[E, X, Y]: every rank's local experts, in global order.
 
     NOTE: torch.distributed outside comm.py, on purpose: this runs once, off the
@@ -536,15 +552,3 @@ def _first_attr(objects, *names):
             if value is not None:
                 return value
     return None
-
-
-def __getattr__(name: str):
-    """`from_pretrained`, `save_pretrained` and `HFMoEBlock` live in hf_pretrained (built on the above).
-
-    NOTE: looked up on first use (PEP 562), so that either module may be imported first.
-    """
-    if name in ("from_pretrained", "save_pretrained", "HFMoEBlock"):
-        from . import hf_pretrained
-
-        return getattr(hf_pretrained, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
