@@ -467,9 +467,9 @@ class NormalInit:
     (w1, w3) ~ N(0, std), the weights back into the stream (w2) ~ N(0, out_std), biases 0, and the
     router ~ N(0, router_std) (its bias 0).
 
-    NOTE: why not nn.Linear's bound: with it, each expert adds about ten times what a
-    GPT-2-initialised dense block adds to the residual stream, and the tiny model's MoE then
-    spends its first hundred steps shrinking random experts (docs/configuration.md#initialisation).
+    NOTE: why not nn.Linear's bound inside a model: with it, the tiny model's MoE layers add
+    about seven times what its GPT-2-initialised dense blocks add to the residual stream, and
+    the MoE then spends its first steps on a plateau (docs/configuration.md#initialisation).
     """
 
     std: float
