@@ -23,7 +23,7 @@ transformers' `from_pretrained` loads, under the checkpoint's own names.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -89,6 +89,12 @@ class FinetuneConfig:
     @classmethod
     def from_tree(cls, tree: dict) -> FinetuneConfig:
         check_sections(tree, cls.SECTIONS)
+        misplaced = sorted(set(tree.get("moe", {})) & {f.name for f in fields(ExecutionConfig)})
+        if misplaced:
+            raise ValueError(
+                f"moe.{misplaced[0]} is how the layers run, not what they compute: "
+                f"set it in [execution] (execution.{misplaced[0]})"
+            )
         return cls(
             model=from_section(PretrainedConfig, "model", tree.get("model", {})),
             train=from_section(TrainConfig, "train", tree.get("train", {})),

@@ -17,28 +17,7 @@ from __future__ import annotations
 import sys
 
 from expert_parallel.config_file import command_line
-from expert_parallel.training import (  # re-exported for code that imported them from here
-    BeforeForward,
-    ParallelConfig,
-    RunConfig,
-    TrainConfig,
-    Trainer,
-    global_grad_norm,
-    lr_at,
-    run_training,
-)
-
-__all__ = [
-    "BeforeForward",
-    "ParallelConfig",
-    "RunConfig",
-    "TrainConfig",
-    "Trainer",
-    "global_grad_norm",
-    "lr_at",
-    "main",
-    "run_training",
-]
+from expert_parallel.training import RunConfig, run_training
 
 
 def main(argv: list[str]) -> int:

@@ -101,3 +101,15 @@ def test_chunks_need_per_assignment_dispatch():
     ):
         ExecutionConfig(exchange_chunks=2, dispatch="once_per_rank")
     assert ExecutionConfig(exchange_chunks=2).exchange_chunks == 2
+
+
+def test_the_fine_tuner_refuses_an_execution_field_in_its_moe_section():
+    from expert_parallel.finetuning import FinetuneConfig
+
+    train = {"steps": 1, "global_batch": 8, "micro_batch": 8, "out_dir": "unused"}
+    moe = {"capacity_factor": 1.25, "dispatch": "fixed"}
+    tree = {"model": {"path": "unused"}, "train": train, "moe": moe}
+    with pytest.raises(ValueError, match=r"moe\.dispatch .* set it in \[execution\] \(execution\.dispatch\)"):
+        FinetuneConfig.from_tree(tree)
+    tree["execution"] = {"dispatch": tree["moe"].pop("dispatch")}
+    assert FinetuneConfig.from_tree(tree).execution.dispatch == "fixed"

@@ -57,6 +57,7 @@ from ..config import ExecutionConfig
 from ..layer import MoELayer
 from .blocks import (
     FusedLayout,
+    all_gather_experts,
     check_routing,
     config_from_block,
     fused_layout,
@@ -569,8 +570,6 @@ class _DiskNames:
 @torch.no_grad()
 def _block_tensors(name: str, block: HFMoEBlock, names: _DiskNames) -> dict[str, Tensor]:
     """One MoE block's tensors under the checkpoint's keys; its experts gathered from every rank."""
-    from .blocks import all_gather_experts
-
     layer = block.layer
     if layer.placement is not None:
         raise ValueError(f"save_pretrained: {name} holds redundant experts; apply_placement(None) first")
