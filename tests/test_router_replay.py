@@ -470,3 +470,48 @@ def test_the_ep1_recording_replays_at_ep2(recorded):
         assert_equal("ids", stack_routes(outputs, 1)[0], routes_SLK[real].long())
         generated = tokens_S[real][len(prompt) :].long()
         assert_equal("greedy tokens", logits[0, len(prompt) - 1 : -1].argmax(-1), generated)
+
+
+# -- Hugging Face models (the hf extra) -------------------------------------------------------
+
+
+@pytest.mark.extras
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_hf_models_record_and_replay(tmp_path, family):
+    pytest.importorskip("transformers", reason="the hf extra: pip install -e '.[hf]'")
+    from test_hf_pretrained import save_tiny
+
+    from expert_parallel.hf import HFCausalLM, from_pretrained
+    from expert_parallel.hf import generate as hf_generate
+
+    save_tiny(tmp_path, family)
+    hf_model = from_pretrained(tmp_path).eval()
+    lm = HFCausalLM(hf_model)
+    tokens = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits, outputs = lm(tokens)
+        recorded = stack_routes(outputs, 2)
+        assert recorded.shape == (2, 7, 2, 2)
+        again, outputs_again = lm(tokens, routes=recorded)
+        assert_equal("own ids replayed: logits", again, logits)
+        routes = torch.stack(
+            [other_routes(r, 8, seed=i) for i, r in enumerate(recorded.view(14, 2, 2).unbind(1))], 1
+        )
+        _, replayed = lm(tokens, routes=routes.view(2, 7, 2, 2))
+        assert_equal("other ids replayed", stack_routes(replayed, 2), routes.view(2, 7, 2, 2))
+    lm_loss, _, _ = lm.loss(tokens, routes=routes.view(2, 7, 2, 2))  # [B, S + 1]: the last unused
+    lm_loss.backward()
+    assert lm.moe_layers()[0][1].router.weight.grad.abs().sum() > 0
+
+    prompts = [torch.tensor([5, 9, 11]), torch.tensor([7])]
+    new, routes = hf_generate(hf_model, prompts, record_routes=True, max_new_tokens=5, do_sample=False)
+    for prompt, new_N, routes_SLK in zip(prompts, new, routes):
+        row = torch.cat([prompt, new_N])
+        assert routes_SLK.shape == (row.numel(), 2, 2)
+        assert bool((routes_SLK[-1] == -1).all()) and bool((routes_SLK[:-1] >= 0).all())
+        with torch.no_grad():
+            logits, outputs = lm(row[None], routes=routes_SLK[None])
+            _, native = lm(row[None])
+        assert_equal("replayed ids", stack_routes(outputs, 1)[0, :-1], routes_SLK[:-1])
+        assert_equal("the generation's ids", stack_routes(native, 1)[0, :-1], routes_SLK[:-1])
+        assert_equal("greedy tokens", logits[0, prompt.numel() - 1 : -1].argmax(-1), new_N)
