@@ -31,7 +31,7 @@ from .recompute import Decision, Decisions
 from .router import Routing, route, selection_bias_step, switch_aux_loss
 from .shared import SharedExperts
 
-__all__ = ["Inference", "MoELayer", "MoEOutput", "RoutingStats", "layer_routes", "stack_routes"]
+__all__ = ["Inference", "MoELayer", "MoEOutput", "RoutingStats", "stack_routes"]
 
 
 class RoutingStats(NamedTuple):
@@ -81,15 +81,8 @@ def layer_routes(routes_BSLK: Tensor | None, shape: tuple[int, ...], layers: int
     they are [B, S, layers, K] for tokens of `shape` [B, S]."""
     if routes_BSLK is None:
         return [None] * layers
-    if (
-        not isinstance(routes_BSLK, Tensor)
-        or routes_BSLK.dim() != 4
-        or routes_BSLK.shape[:3]
-        != (
-            *shape,
-            layers,
-        )
-    ):
+    expected = (*shape, layers)
+    if not isinstance(routes_BSLK, Tensor) or routes_BSLK.dim() != 4 or routes_BSLK.shape[:3] != expected:
         got = tuple(routes_BSLK.shape) if isinstance(routes_BSLK, Tensor) else type(routes_BSLK).__name__
         raise ValueError(
             f"{where}: routes must be [B, S, L_moe={layers}, K] for tokens {tuple(shape)}, got {got}"
