@@ -31,7 +31,7 @@ from .recompute import Decision, Decisions
 from .router import Routing, route, selection_bias_step, switch_aux_loss
 from .shared import SharedExperts
 
-__all__ = ["Inference", "MoELayer", "MoEOutput", "RoutingStats"]
+__all__ = ["Inference", "MoELayer", "MoEOutput", "RoutingStats", "stack_routes"]
 
 
 class RoutingStats(NamedTuple):
@@ -45,6 +45,10 @@ class RoutingStats(NamedTuple):
     capacity: per-expert capacity used (None when dropless).
     rows_sent_to_other_ranks: 0-d long, rows this rank's forward all-to-all
         sent away (the same number comes back in the second exchange).
+    expert_ids: [T, K] long, each token's logical expert ids as chosen (or
+        replayed), best first, before capacity drops; logical under a
+        placement with replicas too. The record of router record and replay:
+        pass them back as `forward(..., routes=)` (docs/post-training.md).
     """
 
     tokens_per_expert: Tensor
@@ -53,6 +57,7 @@ class RoutingStats(NamedTuple):
     num_dropped: Tensor
     capacity: int | None
     rows_sent_to_other_ranks: Tensor
+    expert_ids: Tensor
 
 
 class MoEOutput(NamedTuple):
@@ -61,6 +66,28 @@ class MoEOutput(NamedTuple):
     out: Tensor
     aux_loss: Tensor
     stats: RoutingStats
+
+
+def stack_routes(outputs: list[MoEOutput], batch: int) -> Tensor:
+    """[B, S, L, K] long: the expert ids of a model's L MoE layers (their MoEOutputs, in order)
+    over B sequences of S tokens, each layer's `stats.expert_ids` [B * S, K] as [B, S, K]; the
+    `routes` a model's forward replays."""
+    ids = [moe.stats.expert_ids.view(batch, -1, moe.stats.expert_ids.shape[-1]) for moe in outputs]
+    return torch.stack(ids, dim=2)
+
+
+def layer_routes(routes_BSLK: Tensor | None, shape: tuple[int, ...], layers: int, where: str) -> list:
+    """[B, S, L, K] routes -> L of [B * S, K], one per MoE layer (None: L Nones); a ValueError unless
+    they are [B, S, layers, K] for tokens of `shape` [B, S]."""
+    if routes_BSLK is None:
+        return [None] * layers
+    expected = (*shape, layers)
+    if not isinstance(routes_BSLK, Tensor) or routes_BSLK.dim() != 4 or routes_BSLK.shape[:3] != expected:
+        got = tuple(routes_BSLK.shape) if isinstance(routes_BSLK, Tensor) else type(routes_BSLK).__name__
+        raise ValueError(
+            f"{where}: routes must be [B, S, L_moe={layers}, K] for tokens {tuple(shape)}, got {got}"
+        )
+    return [routes_BSLK[:, :, i].reshape(-1, routes_BSLK.shape[-1]) for i in range(layers)]
 
 
 class MoELayer(nn.Module):
@@ -76,6 +103,14 @@ class MoELayer(nn.Module):
     `execution`: how it runs (dispatch, chunks, caps, GEMM); the same on every rank.
     `stats_group`: the ranks whose loads the global-batch aux loss and the
     selection bias sum (default: `group`).
+
+    `routes` (forward's keyword): [T, K] integer logical expert ids to replay,
+    e.g. a rollout's `stats.expert_ids`: the tokens go to exactly those
+    experts, weighted by the router's own scores of them from the live logits
+    (so the router still learns); a row of -1 routes natively. Capacity still
+    applies after the replay. Bad routes are a ValueError naming the layer
+    (under a group raised after the count exchange, so no peer hangs). See
+    router.route and docs/post-training.md.
 
     `forced_expert_ids`: for benchmarks and tests only. Set it to a [T, K]
     long tensor (T = this rank's tokens in the next forward) to override the
@@ -177,11 +212,17 @@ class MoELayer(nn.Module):
             self.selection_bias.zero_()
 
     def forward(
-        self, x: Tensor, choices_before_E: Tensor | None = None, *, inference: Inference | None = None
+        self,
+        x: Tensor,
+        choices_before_E: Tensor | None = None,
+        *,
+        inference: Inference | None = None,
+        routes: Tensor | None = None,
     ) -> MoEOutput:
         """x [..., D] -> MoEOutput. choices_before_E [E]: this rank's choices in the step's earlier
         micro-batches, for aux_loss_scope "global_batch" (None: this is the first).
-        inference: an inference caller's capacity factor and token bound (Inference)."""
+        inference: an inference caller's capacity factor and token bound (Inference).
+        routes: [T, K] integer logical expert ids to replay, T = x's tokens (-1 rows: natively)."""
         grad = torch.is_grad_enabled()
         plan = plan_call(self.config, self.dispatcher, inference, training=self.training, grad_enabled=grad)
         # NOTE: a bad input is not raised here: under a group this rank must still join step 2's
@@ -190,7 +231,7 @@ class MoELayer(nn.Module):
         key = self._decisions.key(self.training)
         decision = self._decisions.recall(key)  # the forward's, when this call is its recompute
         # 1. route: each token's K experts and weights (a recompute reuses the forward's choice)
-        x_TD, routing, check = self._route(x, check, plan, decision)
+        x_TD, routing, check = self._route(x, check, plan, decision, routes)
         # 2. plan the exchange  3. dispatch  4. experts  5. combine: one eager island under compile
         out_TO, rows_away, counts = plan.island(self._dispatch_experts_combine, check.ok)(
             plan.dispatcher, x, x_TD, routing, check, decision and decision.counts
@@ -212,6 +253,7 @@ class MoELayer(nn.Module):
             routing.num_dropped,
             routing.capacity,
             rows_away,
+            routing.expert_ids,
         )
         return MoEOutput(
             out_TO.view(*x.shape[:-1], self.config.d_out), self._aux_loss(routing, batch_choices_E), stats
@@ -249,9 +291,17 @@ class MoELayer(nn.Module):
             out_TO = sum_choices(out_TO, self.config.top_k)
         return out_TO, torch.tensor(record.rows_sent_away, device=out_TO.device), counts
 
-    def _route(self, x: Tensor, check: InputCheck, plan: CallPlan, decision: Decision | None):
+    def _route(
+        self,
+        x: Tensor,
+        check: InputCheck,
+        plan: CallPlan,
+        decision: Decision | None,
+        routes_TK: Tensor | None = None,
+    ):
         """(x_TD, routing, check): step 1; (None, None, check) for an input the layer cannot take,
-        whose check now says why (also a ValueError of `route`'s own checks)."""
+        whose check now says why (also a ValueError of `route`'s own checks, bad routes included).
+        A recompute's decision holds the forward's (replayed) ids, and wins over `routes_TK`."""
         if not check.ok:
             return None, None, check
         x_TD = x.reshape(-1, self.config.d_model)
@@ -265,6 +315,7 @@ class MoELayer(nn.Module):
                 check_finite=plan.check_finite,
                 sequence_length=x.shape[-2] if x.dim() >= 3 else None,
                 decided=None if decision is None else (decision.expert_ids_TK, decision.keep_TK),
+                routes_TK=routes_TK,
             )
         except ValueError as err:
             return None, None, InputCheck(ValueError, str(err))

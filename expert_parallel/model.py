@@ -31,7 +31,7 @@ from .config import (
     from_section,
 )
 from .experts import NormalInit
-from .layer import Inference, MoELayer, MoEOutput
+from .layer import Inference, MoELayer, MoEOutput, layer_routes, stack_routes
 from .materialize import derive_seed, write_held
 
 _ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "swiglu": F.silu}
@@ -177,10 +177,11 @@ class DenseFFN(nn.Module):
 class Block(nn.Module):
     """x + attn(norm(x)), then x + ffn(norm(x)); ffn is an MoELayer or a DenseFFN.
 
-    forward(x, choices_before_E=None, past=None, mask_BSL=None, inference=None) ->
+    forward(x, choices_before_E=None, past=None, mask_BSL=None, inference=None, routes_TK=None) ->
     (x, MoEOutput of its MoE layer or None when dense, the attention's (k, v));
     the MoEOutput's `out` is detached (x carries its gradient). `past` and
-    `mask_BSL` as in Attention; `inference` goes to the MoE layer.
+    `mask_BSL` as in Attention; `inference` and `routes_TK` (its `routes`) go
+    to the MoE layer.
     """
 
     def __init__(
@@ -208,12 +209,13 @@ class Block(nn.Module):
         past: tuple[Tensor, Tensor] | None = None,
         mask_BSL: Tensor | None = None,
         inference: Inference | None = None,
+        routes_TK: Tensor | None = None,
     ) -> tuple[Tensor, MoEOutput | None, tuple[Tensor, Tensor]]:
         y_BSD, kv = self.attn(self.attn_norm(x_BSD), past, mask_BSL)
         x_BSD = x_BSD + y_BSD
         if not isinstance(self.ffn, MoELayer):
             return x_BSD + self.ffn(self.ffn_norm(x_BSD)), None, kv
-        moe = self.ffn(self.ffn_norm(x_BSD), choices_before_E, inference=inference)
+        moe = self.ffn(self.ffn_norm(x_BSD), choices_before_E, inference=inference, routes=routes_TK)
         # NOTE: the returned `out` is detached: the residual sum carries its gradient, and an output
         # view that requires grad would make FSDP2 warn on every forward.
         return x_BSD + moe.out, moe._replace(out=moe.out.detach()), kv
@@ -330,13 +332,21 @@ class Transformer(nn.Module):
             write_held(param, values)
 
     def forward(
-        self, tokens_BS: Tensor, choices_before: list[Tensor | None] | None = None
+        self,
+        tokens_BS: Tensor,
+        choices_before: list[Tensor | None] | None = None,
+        *,
+        routes: Tensor | None = None,
     ) -> tuple[Tensor, list[MoEOutput]]:
         """tokens [B, S] (integer ids, S <= seq_len) -> (logits [B, S, V], an MoEOutput per MoE layer).
 
         choices_before: per MoE layer (in `moe_layers` order), this rank's
         choices per expert in the step's earlier micro-batches, for the
         "global_batch" aux loss (None: the first micro-batch).
+        routes: [B, S, L_moe, K] integer logical expert ids to replay, MoE layer l
+        (in `moe_layers` order) gets routes[:, :, l] (MoELayer's `routes`; -1
+        rows route natively), e.g. what `generate(..., record_routes=True)`
+        recorded. `layer.stack_routes(outputs, B)` gives a forward's own.
         """
         if tokens_BS.dim() != 2 or not 1 <= tokens_BS.shape[1] <= self.config.seq_len:
             raise ValueError(
@@ -346,20 +356,30 @@ class Transformer(nn.Module):
         positions_S = torch.arange(tokens_BS.shape[1], device=tokens_BS.device)
         x_BSD = self.tok_emb(tokens_BS) + self.pos_emb(positions_S)
         before = iter(choices_before or [])
+        num_moe = sum(isinstance(block.ffn, MoELayer) for block in self.blocks)
+        per_layer = iter(layer_routes(routes, tuple(tokens_BS.shape), num_moe, "Transformer.forward"))
         outputs = []
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            choices_E = next(before, None) if isinstance(block.ffn, MoELayer) else None
-            if recompute:
-                x_BSD, moe, _ = checkpoint(block, x_BSD, choices_E, use_reentrant=False)
+            is_moe = isinstance(block.ffn, MoELayer)
+            choices_E = next(before, None) if is_moe else None
+            routes_TK = next(per_layer) if is_moe else None
+            if recompute:  # NOTE: the recompute is given the routes too; the layer reuses its decision
+                x_BSD, moe, _ = checkpoint(
+                    block, x_BSD, choices_E, None, None, None, routes_TK, use_reentrant=False
+                )
             else:
-                x_BSD, moe, _ = block(x_BSD, choices_E)
+                x_BSD, moe, _ = block(x_BSD, choices_E, routes_TK=routes_TK)
             if moe is not None:
                 outputs.append(moe)
         return self.lm_head(self.norm(x_BSD)), outputs
 
     def loss(
-        self, tokens: Tensor, choices_before: list[Tensor | None] | None = None
+        self,
+        tokens: Tensor,
+        choices_before: list[Tensor | None] | None = None,
+        *,
+        routes: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, list[MoEOutput]]:
         """tokens [B, S + 1] -> (lm_loss, aux_loss, an MoEOutput per MoE layer).
 
@@ -367,12 +387,16 @@ class Transformer(nn.Module):
         aux_loss: sum over the MoE layers of their `aux_loss` for this forward
         (coefficients already applied; a 0.0 tensor without MoE layers).
         choices_before: as in `forward`.
+        routes: as in `forward`, [B, S, L_moe, K] for tokens[:, :-1], or [B, S + 1, L_moe, K]
+        for all of `tokens` (a recording's; the last position's are not used).
         """
         if tokens.dim() != 2 or tokens.shape[1] < 2:
             raise ValueError(
                 f"Transformer.loss expects tokens [B, S + 1] with S >= 1, got {tuple(tokens.shape)}"
             )
-        logits_BSV, outputs = self(tokens[:, :-1], choices_before)
+        if routes is not None and routes.dim() >= 2 and routes.shape[1] == tokens.shape[1]:
+            routes = routes[:, :-1]
+        logits_BSV, outputs = self(tokens[:, :-1], choices_before, routes=routes)
         # NOTE: fp32 cross-entropy, so that low-precision logits do not lose the loss's small differences.
         lm_loss = F.cross_entropy(logits_BSV.flatten(0, 1).float(), tokens[:, 1:].reshape(-1))
         aux_loss = torch.zeros((), device=lm_loss.device)
@@ -407,7 +431,8 @@ class Transformer(nn.Module):
         valid_BS: Tensor | None = None,
         capacity_factor: float | None = None,
         tokens_per_rank: int | None = None,
-    ) -> tuple[Tensor, KVCache]:
+        record_routes: bool = False,
+    ) -> tuple[Tensor, KVCache] | tuple[Tensor, KVCache, Tensor]:
         """tokens [B, S] after those in `cache` (None: no earlier ones) -> (logits [B, S, V], the
         cache with them). Prefill is a decode of the prompt without a cache; each later call
         runs the new tokens (one per row) against the cache.
@@ -421,6 +446,8 @@ class Transformer(nn.Module):
             same value on all of them; with it an eval forward without gradients may use the
             fixed dispatch (dispatchers.for_call). Generation passes its batch bound for the
             one-token steps.
+        record_routes: also return the MoE layers' expert ids of these tokens, [B, S, L_moe, K]
+            long (`layer.stack_routes`): (logits, cache, routes).
         The cache holds at most seq_len columns, padding included (the position embedding's size).
         """
         if tokens_BS.dim() != 2 or tokens_BS.shape[1] == 0:
@@ -450,13 +477,18 @@ class Transformer(nn.Module):
         mask_BSL = (columns_L <= query_S1) & (valid_BL.unsqueeze(1) | (columns_L == query_S1))
         x_BSD = self.tok_emb(tokens_BS) + self.pos_emb(positions_BS)
         inference = Inference(capacity_factor, tokens_per_rank)
-        keys, values = [], []
+        keys, values, outputs = [], [], []
         for i, block in enumerate(self.blocks):
             kv = None if cache is None else (cache.keys[i], cache.values[i])
-            x_BSD, _, (k_BNLA, v_BNLA) = block(x_BSD, None, kv, mask_BSL, inference)
+            x_BSD, moe, (k_BNLA, v_BNLA) = block(x_BSD, None, kv, mask_BSL, inference)
             keys.append(k_BNLA)
             values.append(v_BNLA)
-        return self.lm_head(self.norm(x_BSD)), KVCache(tuple(keys), tuple(values), valid_BL)
+            if moe is not None:
+                outputs.append(moe)
+        logits_BSV, cache = self.lm_head(self.norm(x_BSD)), KVCache(tuple(keys), tuple(values), valid_BL)
+        if record_routes:
+            return logits_BSV, cache, stack_routes(outputs, B)
+        return logits_BSV, cache
 
     @torch.no_grad()
     def generate(
@@ -471,7 +503,8 @@ class Transformer(nn.Module):
         use_cache: bool = True,
         batch_per_rank: int | None = None,
         width: int | None = None,
-    ) -> Tensor | list[Tensor]:
+        record_routes: bool = False,
+    ) -> Tensor | list[Tensor] | tuple:
         """prompt [S0] -> [S0 + max_new_tokens]; a list of B prompts of any lengths -> a list of
         B such tensors, decoded as one batch. Each token is sampled from the logits over the last
         seq_len tokens (the window slides once a row is longer), divided by `temperature`
@@ -495,6 +528,14 @@ class Transformer(nn.Module):
         width: left-pad the prompts to at least this width. Under expert parallelism every
             rank must run the same forwards: call with the same max_new_tokens, use_cache,
             batch_per_rank and width (at least the longest prompt of any rank).
+        record_routes: also return the routes of every position, prompt and generated:
+            (tokens, routes), routes [S0 + n, L_moe, K] long per prompt (a list for a list), the
+            MoE layers' logical expert ids, which `forward(..., routes=)` over the same tokens
+            replays. Each position's are from the call that first ran it as its newest token
+            (the prefill for the prompt; a refilled window's last column for later tokens); a
+            position left of a window that was never run is -1 (route natively). The last
+            token, which generation itself never runs, is routed by one more decode step
+            (every rank of a group runs it: pass the same record_routes on all).
         Call model.eval() first: in training mode the MoE layers keep to their usual dispatch.
         """
         single = isinstance(prompt_tokens, Tensor)
@@ -510,21 +551,45 @@ class Transformer(nn.Module):
         tokens_BW, valid_BW = _left_pad(prompts, width or 0)
         prompt_width, window = tokens_BW.shape[1], self.config.seq_len
         bound = len(prompts) if batch_per_rank is None else batch_per_rank
-        cache = None
-        for _ in range(max_new_tokens):
+        cache, routes = None, []  # routes: [B, S, L_moe, K] per call, its new columns only
+        for step in range(max_new_tokens + int(record_routes)):
             if not use_cache or cache is None or cache.length == window:
-                logits_BSV, cache = self.decode(
-                    tokens_BW[:, -window:], valid_BS=valid_BW[:, -window:], capacity_factor=capacity_factor
+                logits_BSV, cache, *recorded = self.decode(
+                    tokens_BW[:, -window:],
+                    valid_BS=valid_BW[:, -window:],
+                    capacity_factor=capacity_factor,
+                    record_routes=record_routes,
                 )
             else:
-                logits_BSV, cache = self.decode(
-                    tokens_BW[:, -1:], cache, capacity_factor=capacity_factor, tokens_per_rank=bound
+                logits_BSV, cache, *recorded = self.decode(
+                    tokens_BW[:, -1:],
+                    cache,
+                    capacity_factor=capacity_factor,
+                    tokens_per_rank=bound,
+                    record_routes=record_routes,
                 )
+            if record_routes:
+                routes.append(_new_columns(recorded[0], tokens_BW.shape[1], first=not routes))
+            if step == max_new_tokens:  # the recording's extra step: the last token is routed
+                break
             next_B = _sample(logits_BSV[:, -1].float(), temperature, top_k, generator)
             tokens_BW = torch.cat([tokens_BW, next_B.unsqueeze(1).to(tokens_BW.dtype)], dim=1)
             valid_BW = F.pad(valid_BW, (0, 1), value=True)
-        rows = [tokens_BW[b, prompt_width - p.numel() :] for b, p in enumerate(prompts)]
-        return rows[0] if single else rows
+        starts = [prompt_width - p.numel() for p in prompts]
+        rows = [tokens_BW[b, start:] for b, start in enumerate(starts)]
+        if not record_routes:
+            return rows[0] if single else rows
+        routes_BWLK = torch.cat(routes, dim=1)
+        route_rows = [routes_BWLK[b, start:] for b, start in enumerate(starts)]
+        return (rows[0], route_rows[0]) if single else (rows, route_rows)
+
+
+def _new_columns(routes_BSLK: Tensor, width: int, first: bool) -> Tensor:
+    """The columns a generation call adds to the recording: all `width` of the first call (-1 left of
+    its window), the last one of every later call."""
+    if not first:
+        return routes_BSLK[:, -1:]
+    return F.pad(routes_BSLK, (0, 0, 0, 0, width - routes_BSLK.shape[1], 0), value=-1)
 
 
 def _left_pad(prompts: list[Tensor], width: int) -> tuple[Tensor, Tensor]:

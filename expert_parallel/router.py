@@ -57,6 +57,7 @@ def route(
     sequence_length: int | None = None,
     decided: tuple[Tensor, Tensor] | None = None,
     check_finite: bool = True,
+    routes_TK: Tensor | None = None,
 ) -> Routing:
     """Route T tokens given their router logits [T, E].
 
@@ -80,6 +81,13 @@ def route(
         tokens: reuse that choice and those drops, recompute everything
         differentiable from `logits_TE`. The layer passes it when activation
         checkpointing recomputes a forward, so that near-ties cannot flip.
+    routes_TK: [T, K] integer logical expert ids to replay (router record and
+        replay, docs/post-training.md): a row of ids is the token's choice,
+        exactly, in that order; a row of -1 chooses natively (the scores, or
+        `forced_expert_ids_TK`). Weights, capacity and losses follow from the
+        live logits as for any choice, so the router still gets gradients.
+        A row mixing -1 and ids, an id outside [-1, E) or one repeated within
+        a row is a ValueError (see `_check_routes`).
 
     check_finite: refuse NaN / Inf logits (a host sync; the fixed dispatch, which
         promises none, passes False).
@@ -101,12 +109,17 @@ def route(
 
     if decided is not None:
         expert_ids_TK = decided[0]
-    elif forced_expert_ids_TK is not None:
-        expert_ids_TK = _check_forced(forced_expert_ids_TK, num_tokens, config)
     else:
-        # NOTE: detached: the choice is not differentiable, and a sort on the graph would save
-        # tensors that an activation-checkpointing recompute reusing the choice does not.
-        expert_ids_TK = _choose_experts(logits_TE.detach(), probs_TE.detach(), selection_bias_E, config)
+        if routes_TK is not None:
+            routes_TK, replay_T1 = _check_routes(routes_TK, num_tokens, config, logits_TE.device)
+        if forced_expert_ids_TK is not None:
+            expert_ids_TK = _check_forced(forced_expert_ids_TK, num_tokens, config)
+        else:
+            # NOTE: detached: the choice is not differentiable, and a sort on the graph would save
+            # tensors that an activation-checkpointing recompute reusing the choice does not.
+            expert_ids_TK = _choose_experts(logits_TE.detach(), probs_TE.detach(), selection_bias_E, config)
+        if routes_TK is not None:
+            expert_ids_TK = torch.where(replay_T1, routes_TK, expert_ids_TK)
     topk_logits_TK = logits_TE.gather(1, expert_ids_TK)
 
     if config.score_func == "softmax":
@@ -286,6 +299,46 @@ def _check_logits(logits_TE: Tensor, config: MoEConfig, check_finite: bool = Tru
     if check_finite and not bool(torch.isfinite(logits_TE).all()):
         bad = int((~torch.isfinite(logits_TE)).any(dim=-1).sum())
         raise ValueError(f"router logits contain NaN or Inf ({bad} of {logits_TE.shape[0]} tokens)")
+
+
+def _check_routes(
+    routes_TK: Tensor, num_tokens: int, config: MoEConfig, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """(routes [T, K] long on `device`, [T, 1] bool: the rows to replay (ids), not route natively (-1)).
+
+    NOTE: host syncs (the value checks, skipped under torch.compile): an id out of
+    range would gather garbage weights, and a repeated one serve a token twice.
+    """
+    if not isinstance(routes_TK, Tensor) or routes_TK.is_floating_point() or routes_TK.is_complex():
+        raise ValueError(f"routes must be an integer tensor, got {getattr(routes_TK, 'dtype', routes_TK)}")
+    if routes_TK.dtype == torch.bool or routes_TK.shape != (num_tokens, config.top_k):
+        raise ValueError(
+            f"routes must be an integer tensor [T={num_tokens}, top_k={config.top_k}], "
+            f"got {routes_TK.dtype} {tuple(routes_TK.shape)}"
+        )
+    routes_TK = routes_TK.to(device=device, dtype=torch.long)
+    native_TK = routes_TK == -1
+    replay_T1 = ~native_TK[:, :1]
+    if torch.compiler.is_compiling() or num_tokens == 0:
+        return routes_TK, replay_T1
+    if not (-1 <= int(routes_TK.min()) and int(routes_TK.max()) < config.num_experts):
+        raise ValueError(
+            f"routes must be logical expert ids in [0, {config.num_experts}) or -1 (route natively), "
+            f"got values in [{int(routes_TK.min())}, {int(routes_TK.max())}]"
+        )
+    mixed_T = native_TK.any(dim=-1) & ~native_TK.all(dim=-1)
+    if bool(mixed_T.any()):
+        raise ValueError(
+            f"routes: a row is either all -1 (route natively) or K expert ids; rows "
+            f"{mixed_T.nonzero().flatten()[:8].tolist()} mix them"
+        )
+    ordered_TK = routes_TK.sort(dim=-1).values
+    repeated_T = (ordered_TK[:, 1:] == ordered_TK[:, :-1]).any(dim=-1) & replay_T1[:, 0]
+    if bool(repeated_T.any()):
+        raise ValueError(
+            f"routes: expert ids repeat within rows {repeated_T.nonzero().flatten()[:8].tolist()}"
+        )
+    return routes_TK, replay_T1
 
 
 def _check_forced(expert_ids_TK: Tensor, num_tokens: int, config: MoEConfig) -> Tensor:

@@ -23,6 +23,14 @@ of a full expert, so decoding token by token could not equal the forward over
 the sequence); --capacity-factor applies that rule to each forward instead.
 --top-k 1 is greedy: the same text at every world size. Sampled text depends
 on the layout: each rank draws from its own generator (--seed, rank).
+
+--record-routes FILE (router record and replay, docs/post-training.md):
+rank 0 writes a safetensors file of two tensors, "routes", int16
+[B, S, L_moe, K], the logical expert ids every MoE layer chose at every
+position, prompt and generated, and "tokens", int32 [B, S], the text, in
+file order; rows are left-padded with -1 (in both) to the longest.
+`Transformer.forward(tokens, routes=routes)` over a row's real positions
+replays them, at any ep size.
 """
 
 from __future__ import annotations
@@ -38,7 +46,7 @@ import torch
 import torch.distributed as dist
 
 import expert_parallel as ep
-from expert_parallel import checkpoint
+from expert_parallel import checkpoint, tensorfile
 from expert_parallel.build import build_model
 from expert_parallel.model import ModelConfig, Transformer
 from expert_parallel.parallel import make_layout
@@ -88,14 +96,17 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--capacity-factor", type=float, default=None)
+    parser.add_argument("--record-routes", type=Path, default=None, metavar="FILE")
     args = parser.parse_args(argv)
 
     prompts = read_prompts(args)
     step_dir, out_dir = find_checkpoint(args.checkpoint)
     if "WORLD_SIZE" not in os.environ:
         model, step = load_model(step_dir, out_dir, torch.device("cpu"))
-        texts = generate(model, prompts, args, rank=0)
-        print_texts(texts, step_dir, step)
+        texts, routes = generate(model, prompts, args, rank=0)
+        print_texts([t for t, _ in texts], step_dir, step)
+        if args.record_routes is not None:
+            save_routes(args.record_routes, texts, routes, model)
         return 0
     device = ep.init_distributed()  # NCCL with one GPU per rank where CUDA is available, else gloo
     try:
@@ -103,12 +114,14 @@ def main(argv: list[str]) -> int:
         model, step = load_model(step_dir, out_dir, device)
         # Every rank reads every prompt, so all agree on the padded width and the batch bound.
         bound, width = math.ceil(len(prompts) / world), max(map(len, prompts))
-        texts = generate(model, prompts[rank::world], args, rank, batch_per_rank=bound, width=width)
+        mine = generate(model, prompts[rank::world], args, rank, batch_per_rank=bound, width=width)
         gathered = [None] * world if rank == 0 else None
-        dist.gather_object(texts, gathered, dst=0)
+        dist.gather_object(list(zip(*mine)), gathered, dst=0)
         if rank == 0:  # back in file order: prompt i was rank i % world's (i // world)-th
-            ordered = [gathered[i % world][i // world] for i in range(len(prompts))]
-            print_texts(ordered, step_dir, step)
+            texts, routes = zip(*(gathered[i % world][i // world] for i in range(len(prompts))))
+            print_texts([t for t, _ in texts], step_dir, step)
+            if args.record_routes is not None:
+                save_routes(args.record_routes, texts, routes, model)
     except BaseException:
         ep.shutdown(barrier=False)  # a rank failing alone must not wait for peers that wait for it
         raise
@@ -125,9 +138,10 @@ def generate(
     *,
     batch_per_rank: int | None = None,
     width: int = 0,
-) -> list[str]:
-    """This rank's texts. Under torchrun every rank runs the same forwards: the same width,
-    steps and batch bound (the most prompts of any rank)."""
+) -> tuple[list[tuple[str, list[int]]], list[torch.Tensor | None]]:
+    """This rank's (text, token ids) per prompt, and with --record-routes its routes
+    [S, L_moe, K] (on the CPU; None without). Under torchrun every rank runs the same
+    forwards: the same width, steps and batch bound (the most prompts of any rank)."""
     device = next(model.parameters()).device
     batch = [torch.tensor(list(p), dtype=torch.long, device=device) for p in prompts]
     if not batch:  # nothing left for this rank: a one-byte stand-in keeps it in every exchange
@@ -144,8 +158,29 @@ def generate(
             capacity_factor=args.capacity_factor,
             batch_per_rank=batch_per_rank,
             width=width,
+            record_routes=args.record_routes is not None,
         )
-    return [bytes(row.tolist()).decode("utf-8", errors="replace") for row in rows[: len(prompts)]]
+    routes = [None] * len(rows)
+    if args.record_routes is not None:
+        rows, routes = rows[0], [r.cpu() for r in rows[1]]
+    texts = [(bytes(row.tolist()).decode("utf-8", errors="replace"), row.tolist()) for row in rows]
+    return texts[: len(prompts)], routes[: len(prompts)]
+
+
+def save_routes(path: Path, texts: list[tuple[str, list[int]]], routes: list[torch.Tensor], model) -> None:
+    """Write the recording: "routes" int16 [B, S, L_moe, K] and "tokens" int32 [B, S], rows
+    left-padded with -1 to the longest (a safetensors file, expert_parallel.tensorfile)."""
+    width = max(len(ids) for _, ids in texts)
+    _, layers, top_k = routes[0].shape
+    routes_BSLK = torch.full((len(texts), width, layers, top_k), -1, dtype=torch.int16)
+    tokens_BS = torch.full((len(texts), width), -1, dtype=torch.int32)
+    for b, ((_, ids), row_SLK) in enumerate(zip(texts, routes)):
+        routes_BSLK[b, width - len(ids) :] = row_SLK.to(torch.int16)
+        tokens_BS[b, width - len(ids) :] = torch.tensor(ids, dtype=torch.int32)
+    names = ",".join(name for name, _ in model.moe_layers())
+    metadata = {"moe_layers": names, "padding": "left, -1"}
+    tensorfile.save_file({"routes": routes_BSLK, "tokens": tokens_BS}, path, metadata)
+    print(f"# routes {tuple(routes_BSLK.shape)} -> {path}", file=sys.stderr)
 
 
 def print_texts(texts: list[str], step_dir: Path, step: int) -> None:

@@ -20,6 +20,12 @@ layer, no count exchange (`layer.Inference`, dispatchers.for_call).
 Prompts of different lengths are left-padded into one batch with an
 attention mask, and each prompt gets back its own new tokens.
 
+`record_routes=True` also returns each prompt's routes (router record and
+replay): the logical expert ids of every MoE layer at every position, prompt
+and new tokens, [S_prompt + N, L_moe, K], which `HFCausalLM.forward(...,
+routes=)` over the same tokens replays. transformers' `generate` never runs
+its last new token, so that position's row is -1 (route natively).
+
 Legend: B prompts on this rank, S the longest prompt.
 """
 
@@ -29,6 +35,7 @@ from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..layer import Inference
@@ -36,8 +43,11 @@ from .pretrained import HFMoEBlock
 
 
 @torch.no_grad()
-def generate(model: nn.Module, prompts: list[Tensor], **generate_kwargs) -> list[Tensor]:
-    """The new tokens for each of this rank's `prompts` (1-d token ids), from `model.generate`.
+def generate(
+    model: nn.Module, prompts: list[Tensor], *, record_routes: bool = False, **generate_kwargs
+) -> list[Tensor] | tuple[list[Tensor], list[Tensor]]:
+    """The new tokens for each of this rank's `prompts` (1-d token ids), from `model.generate`;
+    with `record_routes`, (new tokens, routes [S_prompt + N, L_moe, K] long) per prompt (module doc).
 
     Every rank of the MoE layers' group calls it together, each with its own
     prompts (possibly none). `generate_kwargs` go to transformers' `generate`
@@ -60,12 +70,37 @@ def generate(model: nn.Module, prompts: list[Tensor], **generate_kwargs) -> list
         ids_BS[i, S - prompt.numel() :] = prompt.to(device)
         mask_BS[i, S - prompt.numel() :] = 1
     kwargs = {"pad_token_id": pad, **generate_kwargs}
-    with _decode_bound(layers, _most_prompts(len(batch), layers, sharded)):
+    with (
+        _decode_bound(layers, _most_prompts(len(batch), layers, sharded)),
+        _routes(layers if record_routes else []) as calls,
+    ):
         out = model.generate(ids_BS, attention_mask=mask_BS, synced_gpus=sharded, **kwargs)
-    if not prompts:
-        return []
     eos = generate_kwargs.get("eos_token_id", model.generation_config.eos_token_id)
-    return [_until_end(row[S:], eos) for row in out]
+    new = [_until_end(row[S:], eos) for row in out[: len(prompts)]]
+    if not record_routes:
+        return new
+    # Each layer's calls: the prefill [B * S, K], then one [B, K] per step; the last token never runs.
+    routes_BXLK = torch.stack(
+        [torch.cat([c.view(len(batch), -1, c.shape[-1]) for c in layer], 1) for layer in calls], 2
+    )
+    routes_BXLK = F.pad(routes_BXLK, (0, 0, 0, 0, 0, 1), value=-1)
+    rows = [routes_BXLK[b, S - p.numel() : S + n.numel()] for b, (p, n) in enumerate(zip(prompts, new))]
+    return new, rows
+
+
+@contextmanager
+def _routes(layers: list):
+    """Within the block, each layer's `stats.expert_ids` of every call, in call order (one list per layer)."""
+    calls: list[list[Tensor]] = [[] for _ in layers]
+    handles = [
+        layer.register_forward_hook(lambda module, args, out, kept=kept: kept.append(out.stats.expert_ids))
+        for layer, kept in zip(layers, calls)
+    ]
+    try:
+        yield calls
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _most_prompts(mine: int, layers: list, sharded: bool) -> int:

@@ -3,9 +3,10 @@
 transformers' decoder layers take only the output tensor of an MoE block, so
 `HFMoEBlock` returns just that. Training needs more of each MoE layer: its aux
 loss and routing statistics, and, for the "global_batch" aux loss, this
-step's earlier choices fed in. `HFCausalLM` gets them with hooks that live
-for one forward (`moe_outputs`): a pre-hook hands each MoELayer its
-`choices_before_E`, a hook keeps its MoEOutput. Nothing is stored on a module.
+step's earlier choices fed in, and for router replay its routes. `HFCausalLM`
+gets them with hooks that live for one forward (`moe_outputs`): a pre-hook
+hands each MoELayer its `choices_before_E` and `routes`, a hook keeps its
+MoEOutput. Nothing is stored on a module.
 
 Legend: B sequences, S positions, V vocabulary, E experts.
 """
@@ -18,21 +19,32 @@ from contextlib import contextmanager
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..layer import MoELayer, MoEOutput
+from ..layer import MoELayer, MoEOutput, layer_routes
 from .pretrained import HFMoEBlock
 
 
 @contextmanager
-def moe_outputs(layers: list[MoELayer], choices_before: list[Tensor | None] | None = None) -> Iterator[list]:
+def moe_outputs(
+    layers: list[MoELayer],
+    choices_before: list[Tensor | None] | None = None,
+    routes: list[Tensor | None] | None = None,
+) -> Iterator[list]:
     """Within the block: each forward of `layers` appends its MoEOutput to the yielded list (its `out`
-    detached), and layer i gets `choices_before[i]` as its `choices_before_E`."""
+    detached), and layer i gets `choices_before[i]` as its `choices_before_E` and `routes[i]` [T, K]
+    as its `routes` (router replay)."""
     outputs: list[MoEOutput] = []
     handles = []
     choices = list(choices_before or [])
-    for layer, choices_E in zip(layers, choices + [None] * (len(layers) - len(choices))):
+    choices += [None] * (len(layers) - len(choices))
+    routes = list(routes or [None] * len(layers))
+    for layer, choices_E, routes_TK in zip(layers, choices, routes):
 
-        def feed(module, args, kwargs, choices_E=choices_E):
-            return args, {**kwargs, "choices_before_E": choices_E} if choices_E is not None else kwargs
+        def feed(module, args, kwargs, choices_E=choices_E, routes_TK=routes_TK):
+            if choices_E is not None:
+                kwargs = {**kwargs, "choices_before_E": choices_E}
+            if routes_TK is not None:
+                kwargs = {**kwargs, "routes": routes_TK}
+            return args, kwargs
 
         def keep(module, args, kwargs, output: MoEOutput):
             outputs.append(output._replace(out=output.out.detach()))
@@ -74,22 +86,36 @@ class HFCausalLM(nn.Module):
         return [(f"{name}.layer", m.layer) for name, m in self.named_modules() if isinstance(m, HFMoEBlock)]
 
     def forward(
-        self, tokens_BS: Tensor, choices_before: list[Tensor | None] | None = None
+        self,
+        tokens_BS: Tensor,
+        choices_before: list[Tensor | None] | None = None,
+        *,
+        routes: Tensor | None = None,
     ) -> tuple[Tensor, list[MoEOutput]]:
-        """tokens [B, S] -> (logits [B, S, V], an MoEOutput per layer); choices_before as in Transformer."""
-        with moe_outputs([layer for _, layer in self.moe_layers()], choices_before) as outputs:
+        """tokens [B, S] -> (logits [B, S, V], an MoEOutput per layer); choices_before and routes
+        [B, S, L_moe, K] (router replay, layer l gets routes[:, :, l]) as in Transformer."""
+        layers = [layer for _, layer in self.moe_layers()]
+        per_layer = layer_routes(routes, tuple(tokens_BS.shape), len(layers), "HFCausalLM.forward")
+        with moe_outputs(layers, choices_before, per_layer) as outputs:
             logits_BSV = self.hf(input_ids=tokens_BS, use_cache=False).logits
         return logits_BSV, outputs
 
     def loss(
-        self, tokens: Tensor, choices_before: list[Tensor | None] | None = None
+        self,
+        tokens: Tensor,
+        choices_before: list[Tensor | None] | None = None,
+        *,
+        routes: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, list[MoEOutput]]:
-        """tokens [B, S + 1] -> (lm_loss, aux_loss, an MoEOutput per MoE layer), as Transformer.loss."""
+        """tokens [B, S + 1] -> (lm_loss, aux_loss, an MoEOutput per MoE layer), as Transformer.loss
+        (routes [B, S, L_moe, K], or [B, S + 1, L_moe, K] whose last position is not used)."""
         if tokens.dim() != 2 or tokens.shape[1] < 2:
             raise ValueError(
                 f"HFCausalLM.loss expects tokens [B, S + 1] with S >= 1, got {tuple(tokens.shape)}"
             )
-        logits_BSV, outputs = self(tokens[:, :-1], choices_before)
+        if routes is not None and routes.dim() >= 2 and routes.shape[1] == tokens.shape[1]:
+            routes = routes[:, :-1]
+        logits_BSV, outputs = self(tokens[:, :-1], choices_before, routes=routes)
         lm_loss = F.cross_entropy(logits_BSV.flatten(0, 1).float(), tokens[:, 1:].reshape(-1))
         aux_loss = lm_loss.new_zeros(())
         for moe in outputs:
