@@ -93,7 +93,7 @@ def layer_routes(routes_BSLK: Tensor | None, shape: tuple[int, ...], layers: int
 class MoELayer(nn.Module):
     """Mixture-of-Experts feed-forward, experts sharded over `group`.
 
-    forward(x [..., D], choices_before_E=None) -> MoEOutput(out [..., O],
+    forward(x [..., D], choices_before_E=None, *, inference=None, routes=None) -> MoEOutput(out [..., O],
     aux_loss, stats). Rank r of a group of P holds global experts r*E/P ...
     (r+1)*E/P - 1. With group None (or of size 1) it holds all E experts: that
     single-process layer is the definition of correct. Nothing is written to

@@ -89,8 +89,8 @@ def route(
         A row mixing -1 and ids, an id outside [-1, E) or one repeated within
         a row is a ValueError (see `_check_routes`).
 
-    check_finite: refuse NaN / Inf logits (a host sync; the fixed dispatch, which
-        promises none, passes False).
+    check_finite: refuse NaN / Inf logits (a host sync; the layer passes False for a
+        dispatcher that promises none, `host_sync_free`: plan.plan_call).
 
     NOTE: under torch.compile the host-synchronising input checks are skipped
     (they would break the graph); eager runs keep them.
