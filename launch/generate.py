@@ -108,8 +108,8 @@ def main(argv: list[str]) -> int:
         if args.record_routes is not None:
             save_routes(args.record_routes, texts, routes, model)
         return 0
-    device = ep.init_distributed()  # NCCL with one GPU per rank where CUDA is available, else gloo
-    try:
+    # NCCL with one GPU per rank where CUDA is available, else gloo; the group torn down at the end.
+    with ep.distributed() as device:
         rank, world = dist.get_rank(), dist.get_world_size()
         model, step = load_model(step_dir, out_dir, device)
         # Every rank reads every prompt, so all agree on the padded width and the batch bound.
@@ -122,11 +122,6 @@ def main(argv: list[str]) -> int:
             print_texts([t for t, _ in texts], step_dir, step)
             if args.record_routes is not None:
                 save_routes(args.record_routes, texts, routes, model)
-    except BaseException:
-        ep.shutdown(barrier=False)  # a rank failing alone must not wait for peers that wait for it
-        raise
-    finally:
-        ep.shutdown()
     return 0
 
 
