@@ -26,8 +26,10 @@ from benchmarks.bench_tools import machine
 REPO = Path(__file__).resolve().parent.parent
 
 
-def train(config: str, seed: int, steps: int, overrides: list[str], out_dir: Path) -> dict[int, float]:
-    """{step: val loss} of one run."""
+def train(
+    config: str, seed: int, steps: int, overrides: list[str], out_dir: Path, timeout: float | None = None
+) -> dict[int, float]:
+    """{step: val loss} of one run (killed after `timeout` seconds, None: no limit)."""
     cmd = [
         sys.executable,
         "-m",
@@ -43,7 +45,7 @@ def train(config: str, seed: int, steps: int, overrides: list[str], out_dir: Pat
     ]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["OMP_NUM_THREADS"] = "1"
-    run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if run.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{run.stdout[-2000:]}{run.stderr[-2000:]}")
     rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]

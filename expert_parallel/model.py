@@ -313,8 +313,9 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def _reset_moe(self) -> None:
+        init = self.moe_init()
         for _, layer in self.moe_layers():
-            layer.reset_parameters(init=self.moe_init())
+            layer.reset_parameters(init=init)
 
     @torch.no_grad()
     def _reset_dense(self) -> None:
@@ -390,19 +391,7 @@ class Transformer(nn.Module):
         routes: as in `forward`, [B, S, L_moe, K] for tokens[:, :-1], or [B, S + 1, L_moe, K]
         for all of `tokens` (a recording's; the last position's are not used).
         """
-        if tokens.dim() != 2 or tokens.shape[1] < 2:
-            raise ValueError(
-                f"Transformer.loss expects tokens [B, S + 1] with S >= 1, got {tuple(tokens.shape)}"
-            )
-        if routes is not None and routes.dim() >= 2 and routes.shape[1] == tokens.shape[1]:
-            routes = routes[:, :-1]
-        logits_BSV, outputs = self(tokens[:, :-1], choices_before, routes=routes)
-        # NOTE: fp32 cross-entropy, so that low-precision logits do not lose the loss's small differences.
-        lm_loss = F.cross_entropy(logits_BSV.flatten(0, 1).float(), tokens[:, 1:].reshape(-1))
-        aux_loss = torch.zeros((), device=lm_loss.device)
-        for moe in outputs:
-            aux_loss = aux_loss + moe.aux_loss
-        return lm_loss, aux_loss, outputs
+        return next_token_loss(self, tokens, choices_before, routes, "Transformer.loss")
 
     def moe_layers(self) -> list[tuple[str, MoELayer]]:
         """(name, layer) for every MoE feed-forward, in block order; names are `blocks.{i}.ffn`."""
@@ -590,6 +579,25 @@ def _new_columns(routes_BSLK: Tensor, width: int, first: bool) -> Tensor:
     if not first:
         return routes_BSLK[:, -1:]
     return F.pad(routes_BSLK, (0, 0, 0, 0, width - routes_BSLK.shape[1], 0), value=-1)
+
+
+def next_token_loss(
+    model, tokens: Tensor, choices_before: list[Tensor | None] | None, routes: Tensor | None, who: str
+) -> tuple[Tensor, Tensor, list[MoEOutput]]:
+    """(lm_loss, aux_loss, MoE outputs) of `model(tokens[:, :-1], choices_before, routes=...)`
+    predicting tokens[:, 1:]: Transformer.loss, and HFCausalLM.loss for a loaded model. `routes`
+    may cover tokens[:, :-1] or all of `tokens` (a recording's; the last position is not used)."""
+    if tokens.dim() != 2 or tokens.shape[1] < 2:
+        raise ValueError(f"{who} expects tokens [B, S + 1] with S >= 1, got {tuple(tokens.shape)}")
+    if routes is not None and routes.dim() >= 2 and routes.shape[1] == tokens.shape[1]:
+        routes = routes[:, :-1]
+    logits_BSV, outputs = model(tokens[:, :-1], choices_before, routes=routes)
+    # NOTE: fp32 cross-entropy, so that low-precision logits do not lose the loss's small differences.
+    lm_loss = F.cross_entropy(logits_BSV.flatten(0, 1).float(), tokens[:, 1:].reshape(-1))
+    aux_loss = torch.zeros((), device=lm_loss.device)
+    for moe in outputs:
+        aux_loss = aux_loss + moe.aux_loss
+    return lm_loss, aux_loss, outputs
 
 
 def _left_pad(prompts: list[Tensor], width: int) -> tuple[Tensor, Tensor]:

@@ -73,3 +73,14 @@ def launch(
         results.append(RankResult(rank, code, log.read()))
         log.close()
     return results
+
+
+def run_module(world: int, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """`python *args` (e.g. "-m", "launch.generate", ...) in one process, or under torchrun as `world`
+    ranks; asserts the exit code and returns the finished process (bytes output)."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}"]
+    cmd = [*(launcher if world > 1 else [sys.executable]), *args]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, timeout=timeout, env=env)
+    assert done.returncode == 0, (done.stdout[-2000:] + done.stderr[-3000:]).decode(errors="replace")
+    return done

@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,7 +24,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from asserts import assert_close, assert_equal
-from multirank import REPO
+from multirank import run_module as launch
 from rankpool import on_ranks
 from torch.utils.checkpoint import checkpoint
 
@@ -372,15 +369,6 @@ def test_bad_routes_on_one_rank_fail_every_rank_without_a_hang():
 # -- launch.generate --record-routes, replayed at another ep size -----------------------------
 
 PROMPTS = ["def ", "import os", "class Foo(object):"]
-
-
-def launch(world: int, *args: str) -> subprocess.CompletedProcess:
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}"]
-    cmd = [*(launcher if world > 1 else [sys.executable]), *args]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, timeout=240, env=env)
-    assert done.returncode == 0, (done.stdout[-2000:] + done.stderr[-3000:]).decode(errors="replace")
-    return done
 
 
 @pytest.fixture(scope="module")

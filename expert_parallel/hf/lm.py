@@ -16,10 +16,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..layer import MoELayer, MoEOutput, layer_routes
+from ..model import next_token_loss
 from .pretrained import HFMoEBlock
 
 
@@ -109,18 +109,7 @@ class HFCausalLM(nn.Module):
     ) -> tuple[Tensor, Tensor, list[MoEOutput]]:
         """tokens [B, S + 1] -> (lm_loss, aux_loss, an MoEOutput per MoE layer), as Transformer.loss
         (routes [B, S, L_moe, K], or [B, S + 1, L_moe, K] whose last position is not used)."""
-        if tokens.dim() != 2 or tokens.shape[1] < 2:
-            raise ValueError(
-                f"HFCausalLM.loss expects tokens [B, S + 1] with S >= 1, got {tuple(tokens.shape)}"
-            )
-        if routes is not None and routes.dim() >= 2 and routes.shape[1] == tokens.shape[1]:
-            routes = routes[:, :-1]
-        logits_BSV, outputs = self(tokens[:, :-1], choices_before, routes=routes)
-        lm_loss = F.cross_entropy(logits_BSV.flatten(0, 1).float(), tokens[:, 1:].reshape(-1))
-        aux_loss = lm_loss.new_zeros(())
-        for moe in outputs:
-            aux_loss = aux_loss + moe.aux_loss
-        return lm_loss, aux_loss, outputs
+        return next_token_loss(self, tokens, choices_before, routes, "HFCausalLM.loss")
 
     def num_params(self, active_only: bool = False) -> int:
         """Parameters of the whole model (experts counted from the config, as Transformer.num_params)."""
