@@ -396,6 +396,12 @@ class Experts(nn.Module):
         self.b1 = nn.Parameter(torch.empty(e, h)) if config.bias else None
         self.b2 = nn.Parameter(torch.empty(e, o)) if config.bias else None
         self.b3 = nn.Parameter(torch.empty(e, h)) if config.bias and self.w3 is not None else None
+        self.register_module("lora", None)  # a low-rank adapter on the weights: lora.ExpertLoRA
+
+    def weights(self) -> tuple[Tensor | None, ...]:
+        """(w1, b1, w3, b3, w2, b2) as the experts apply them: with a LoRA adapter, W + scaling * A @ B."""
+        weights = (self.w1, self.b1, self.w3, self.b3, self.w2, self.b2)
+        return weights if self.lora is None else self.lora.adapt(*weights)
 
     def forward(self, x_RD: Tensor, rows_per_expert: list[int] | None) -> Tensor:
         """y [R, O] for rows x [R, D] grouped by expert, `rows_per_expert` of them each (host ints);
@@ -403,7 +409,7 @@ class Experts(nn.Module):
         if rows_per_expert is None:
             return self.padded(x_RD)
         _check_groups("Experts", rows_per_expert, x_RD.shape[0], self.num_local_experts)
-        x_RD, *weights = _in_autocast_dtype(x_RD, self.w1, self.b1, self.w3, self.b3, self.w2, self.b2)
+        x_RD, *weights = _in_autocast_dtype(x_RD, *self.weights())
         if _use_grouped_mm(x_RD, weights[0], self.gemm):
             return self.unfused(x_RD, rows_per_expert, weights)
         with torch.autocast(x_RD.device.type, enabled=False):
@@ -411,8 +417,8 @@ class Experts(nn.Module):
 
     def unfused(self, x_RD: Tensor, rows_per_expert: list[int], weights: list | None = None) -> Tensor:
         """The same function as one grouped_linear per weight: grouped_mm's path, and the loop's
-        reference in tests. `weights`: (w1, b1, w3, b3, w2, b2), the parameters by default."""
-        w1, b1, w3, b3, w2, b2 = weights or (self.w1, self.b1, self.w3, self.b3, self.w2, self.b2)
+        reference in tests. `weights`: (w1, b1, w3, b3, w2, b2), `self.weights()` by default."""
+        w1, b1, w3, b3, w2, b2 = weights or self.weights()
 
         def linear(x_RI: Tensor, w_eIJ: Tensor, b_eJ: Tensor | None) -> Tensor:
             return grouped_linear(x_RI, w_eIJ, b_eJ, rows_per_expert, self.gemm)
@@ -425,9 +431,7 @@ class Experts(nn.Module):
 
         Static shapes, for torch.compile's capacity path; equal to the loop to rounding.
         """
-        x_eCD, w1, b1, w3, b3, w2, b2 = _in_autocast_dtype(
-            x_eCD, self.w1, self.b1, self.w3, self.b3, self.w2, self.b2
-        )
+        x_eCD, w1, b1, w3, b3, w2, b2 = _in_autocast_dtype(x_eCD, *self.weights())
 
         def linear(x_eCI: Tensor, w_eIJ: Tensor, b_eJ: Tensor | None) -> Tensor:
             if b_eJ is None:

@@ -34,6 +34,7 @@ from .build import apply_fsdp
 from .config import ExecutionConfig, check_bool, check_choice, check_int, check_real, from_section
 from .config_file import check_sections
 from .hf import HFCausalLM, from_pretrained, save_pretrained
+from .lora import LoraConfig, add_lora, save_adapter
 from .training import ParallelConfig, TrainConfig, Trainer
 
 DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}
@@ -78,13 +79,18 @@ class FinetuneConfig:
     data: DataConfig = DataConfig()
     execution: ExecutionConfig = ExecutionConfig()
     moe: dict = field(default_factory=dict)  # MoEConfig overrides, checked by from_pretrained
+    lora: LoraConfig | None = None  # adapters on a frozen model; None (an empty [lora]): full fine-tuning
 
-    SECTIONS = ("model", "moe", "execution", "data", "train", "parallel")
+    SECTIONS = ("model", "moe", "execution", "data", "train", "parallel", "lora")
 
     def __post_init__(self) -> None:
         for name in ("compile", "activation_checkpointing"):
             if getattr(self.train, name):
                 raise ValueError(f"train.{name} = true is not supported by launch.finetune yet")
+        if self.lora is not None:
+            for name in ("fsdp", "redundant_experts"):
+                if getattr(self.parallel, name):
+                    raise ValueError(f"[lora] with parallel.{name} is not supported yet")
 
     @classmethod
     def from_tree(cls, tree: dict) -> FinetuneConfig:
@@ -102,6 +108,7 @@ class FinetuneConfig:
             data=from_section(DataConfig, "data", tree.get("data", {})),
             execution=from_section(ExecutionConfig, "execution", tree.get("execution", {})),
             moe=dict(tree.get("moe", {})),
+            lora=LoraConfig.from_section(tree["lora"]) if tree.get("lora") else None,
         )
 
     def to_dict(self) -> dict:
@@ -112,6 +119,7 @@ class FinetuneConfig:
             "data": asdict(self.data),
             "train": asdict(self.train),
             "parallel": asdict(self.parallel),
+            "lora": asdict(self.lora) if self.lora is not None else {},
         }
 
 
@@ -134,6 +142,9 @@ class FineTuner(Trainer):
             execution=config.execution,
             **config.moe,
         )
+        if config.lora is not None:
+            adapted = add_lora(hf_model, config.lora)
+            self.say(f"LoRA r={config.lora.r} on {len(adapted)} modules ({', '.join(config.lora.targets)})")
         model = HFCausalLM(hf_model.to(self.device)).train()
         if config.parallel.fsdp:
             apply_fsdp(model, layout, param_dtype)
@@ -176,7 +187,12 @@ class FineTuner(Trainer):
 
     def run(self) -> dict:
         summary = super().run()
-        if self.config.model.export:
+        if self.config.model.export and self.config.lora is not None:
+            adapter = save_adapter(
+                self.model.hf, Path(self.config.train.out_dir) / "adapter", self.config.lora
+            )
+            self.say(f"adapter saved to {adapter} (PEFT's format)")
+        elif self.config.model.export:
             self.say(f"exported to {self.export(Path(self.config.train.out_dir) / 'export')}")
         return summary
 

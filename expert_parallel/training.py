@@ -180,8 +180,9 @@ def global_grad_norm(model: Transformer, layout: Layout, fsdp: bool = False) -> 
         return (sq.flatten(1).sum(1) * replica_weight[id(p)].to(sq.device)).sum()
 
     zero = torch.zeros((), dtype=torch.float64, device=next(model.parameters()).device)
-    dense_sq = sum((squared(p) for p in model.parameters() if id(p) not in experts), zero)
-    expert_sq = sum((squared(p) for p in model.parameters() if id(p) in experts), zero)
+    params = [p for p in model.parameters() if p.grad is not None]  # frozen ones have none
+    dense_sq = sum((squared(p) for p in params if id(p) not in experts), zero)
+    expert_sq = sum((squared(p) for p in params if id(p) in experts), zero)
     if layout.ep_group is not None:
         dist.all_reduce(expert_sq, group=layout.ep_group)
     return (dense_sq + expert_sq).sqrt()
@@ -238,8 +239,10 @@ class Trainer:
         # tensors beside DTensors, and AdamW's foreach kernels take one kind per group.
         experts = expert_parameters(self.model)
         groups = []
-        for is_expert in (False, True):
-            params = [p for p in self.model.parameters() if (id(p) in experts) == is_expert]
+        for is_expert in (False, True):  # frozen parameters (LoRA's base) have no optimizer state
+            params = [
+                p for p in self.model.parameters() if (id(p) in experts) == is_expert and p.requires_grad
+            ]
             groups += [
                 {"params": [p for p in params if p.dim() >= 2], "weight_decay": train.weight_decay},
                 {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
@@ -339,7 +342,8 @@ class Trainer:
         if train.grad_clip > 0:
             scale = torch.clamp(train.grad_clip / (grad_norm + 1e-6), max=1.0)
             for param in self.model.parameters():
-                local_tensor(param.grad).mul_(scale.to(param.grad.dtype))
+                if param.grad is not None:  # frozen under LoRA
+                    local_tensor(param.grad).mul_(scale.to(param.grad.dtype))
         check_optimizer_tracks(self.model, self.optimizer)
         lr = lr_at(self.step, train)
         for group in self.optimizer.param_groups:

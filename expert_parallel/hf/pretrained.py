@@ -87,6 +87,9 @@ class BlockFormat:
     shared: (attribute, (gate, up, down) projection names) of the shared experts, or None.
     returns_pair: the block's forward returns (hidden_states, router output), which its
         decoder layer unpacks (GPT-OSS, Llama 4).
+    experts_say_transposed: the block's experts module declares its layout transposed
+        (`is_transposed`), which is how PEFT reads its fused parameters' in and out features
+        (GPT-OSS; not Llama 4, whose experts are transposed without saying so: lora.py).
     """
 
     router: str
@@ -94,6 +97,7 @@ class BlockFormat:
     layout: FusedLayout
     shared: tuple[str, tuple[str, str, str]] | None
     returns_pair: bool
+    experts_say_transposed: bool = False
 
 
 class HFMoEBlock(nn.Module):
@@ -257,6 +261,7 @@ def _block_format(block: nn.Module) -> BlockFormat:
         layout=fused_layout(block.experts, where),
         shared=_shared_names(block),
         returns_pair=_returns_pair(block),
+        experts_say_transposed=bool(getattr(block.experts, "is_transposed", False)),
     )
 
 
