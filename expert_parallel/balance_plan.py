@@ -168,8 +168,14 @@ def plan_balance(rows_PE: list[list[int]], num_local_experts: int) -> BalancePla
     )
 
 
-# NOTE: measured, see worth_balancing and docs/balanced-dispatch.md.
-WEIGHT_COST_ROWS = 64
+# NOTE: measured on 2 gloo ranks of a 2-core AMD EPYC (benchmarks/balanced_dispatch.py, d_model 256,
+# d_hidden 1024, 8 experts, top-2, all first choices on one expert): lending one expert cost 83 rows
+# at 2 ranks and 97 at 4 (its calibration); the rest of the balanced path (the plan, the extra
+# exchange, the second expert GEMM group, the gradient sum into the owner) about 160 more rows per
+# call, fitted to the step times of 128 to 2048 tokens per rank, where forced balancing broke even
+# near 300 tokens per rank (1.29 at 128, 1.08 at 256, 0.87 at 512, 0.77 at 1024 and 2048).
+WEIGHT_COST_ROWS = 96
+FIXED_COST_ROWS = 160
 MIN_GAIN = 0.9
 
 
@@ -177,6 +183,7 @@ def worth_balancing(
     plan: BalancePlan,
     num_local_experts: int,
     weight_cost_rows: float = WEIGHT_COST_ROWS,
+    fixed_cost_rows: float = FIXED_COST_ROWS,
     gain: float = MIN_GAIN,
 ) -> bool:
     """Whether the balanced plan should beat the standard dispatch: the rule of the layer's fallback.
@@ -184,22 +191,26 @@ def worth_balancing(
     Each rank's time, in expert rows (one row through one expert, forward
     and backward): standard, rows_before[d]; balanced, rows_after[d] plus
     `weight_cost_rows` for each expert copy it receives or sends (the
-    weights out in the forward and their gradient back in the backward:
-    2 W values for W = 2 or 3 D H weights, against 6 W flops for a row, so
-    the ratio does not depend on D or H, only on the machine's exchange
-    bandwidth against its GEMM speed). Balance when the busiest rank's
-    balanced time is at most `gain` times the standard busiest rank's:
+    weights out in the forward, their gradient back in the backward: 2 W
+    values moved for an expert of W = 2 or 3 D H weights, against 6 W flops
+    for one row, so the ratio depends on the machine's exchange bandwidth
+    against its GEMM speed, not on D or H), plus `fixed_cost_rows` for the
+    rest of the balanced path. Balance when
 
-        max_d (rows_after[d] + c * moved[d]) <= gain * max_d rows_before[d]
+        max_d (rows_after[d] + c * moved[d]) + fixed <= gain * max_d rows_before[d]
 
-    So small calls, whose saved rows cannot pay for one expert's weights,
-    and near-even ones (within about 1 / gain of the mean) keep the standard
-    dispatch. A pure function of the plan: every rank decides alike.
+    i.e. when it should save at least 1 - gain of the busiest rank's time.
+    So small calls, whose saved rows cannot pay for the weights, and
+    near-even ones keep the standard dispatch. Example (the defaults), 2
+    ranks, all first choices on one expert (max / mean 1.43 before): the
+    owner lends one copy, so balancing needs mean + 96 + 160 <= 0.9 * 1.43 *
+    mean, a mean of at least 890 rows per rank (445 tokens at top-2).
+    A pure function of the plan: every rank decides alike.
     """
     if not any(plan.borrowed):
         return False
     moved = [len(b) for b in plan.borrowed]
     for d, sends in enumerate(plan.lent(num_local_experts)):
         moved[d] += len(sends)
-    balanced = max(rows + weight_cost_rows * n for rows, n in zip(plan.rows_after, moved))
+    balanced = max(rows + weight_cost_rows * n for rows, n in zip(plan.rows_after, moved)) + fixed_cost_rows
     return balanced <= gain * max(plan.rows_before)

@@ -24,7 +24,13 @@ from rankpool import on_ranks
 from torch.utils.checkpoint import checkpoint
 
 import expert_parallel as ep
-from expert_parallel.balance_plan import WEIGHT_COST_ROWS, max_over_mean, plan_balance, worth_balancing
+from expert_parallel.balance_plan import (
+    FIXED_COST_ROWS,
+    WEIGHT_COST_ROWS,
+    max_over_mean,
+    plan_balance,
+    worth_balancing,
+)
 from expert_parallel.placement import balance
 
 TOL = 1e-5
@@ -107,18 +113,19 @@ def test_random_counts_keep_every_invariant():
 
 
 def test_the_fallback_keeps_small_or_even_calls_standard():
-    hot = [[100, 14, 14, 14, 14, 14, 14, 16] for _ in range(4)]
+    hot = [[400, 56, 56, 56, 56, 56, 56, 64] for _ in range(4)]
     assert worth_balancing(plan_balance(hot, 2), 2)
-    # The same skew at a tenth of the tokens: 46 rows saved on rank 0 cannot pay for 3 weight copies.
-    small = [[10, 1, 1, 1, 1, 2, 2, 2] for _ in range(4)]
+    # The same skew at a quarter of the tokens: 256 rows saved on rank 0 cannot pay for 3 copies.
+    small = [[100, 14, 14, 14, 14, 14, 14, 16] for _ in range(4)]
     assert not worth_balancing(plan_balance(small, 2), 2)
-    # Near-even: at most a 10% gain to have, which the rule asks for before moving weights.
+    assert worth_balancing(plan_balance(small, 2), 2, weight_cost_rows=0, fixed_cost_rows=0)
+    # Near-even: at most a 4% gain to have, under the 10% the rule asks for before moving weights.
     even = [[500, 500, 500, 500, 500, 500, 520, 520] for _ in range(4)]
     assert not worth_balancing(plan_balance(even, 2), 2)
-    assert worth_balancing(plan_balance(even, 2), 2, weight_cost_rows=0, gain=1.0)
-    # The threshold is the rule's: the busiest balanced rank's rows plus its weight copies.
+    assert worth_balancing(plan_balance(even, 2), 2, weight_cost_rows=0, fixed_cost_rows=0, gain=1.0)
+    # The threshold is the rule's: the busiest balanced rank's rows, its weight copies, the fixed cost.
     plan = plan_balance(hot, 2)
-    balanced = plan.rows_after[0] + 3 * WEIGHT_COST_ROWS  # rank 0 lends expert 0 three times
+    balanced = plan.rows_after[0] + 3 * WEIGHT_COST_ROWS + FIXED_COST_ROWS  # rank 0 lends 3 copies
     assert worth_balancing(plan, 2, gain=balanced / max(plan.rows_before))
     assert not worth_balancing(plan, 2, gain=balanced / max(plan.rows_before) - 1e-9)
 
@@ -147,16 +154,16 @@ def step(layer, x, upstream, choices_before=None, recompute=False):
 
 # id: (config, tokens per rank for rank 0 (rank r adds 7 r), redundant experts per rank, hot expert)
 CASES = {
-    "dropless": (BASE, 256, 0, 0),
-    "capacity-3-swiglu-bias": (
-        replace(BASE, capacity_factor=3.0, min_capacity=1, activation="swiglu", bias=True),
-        256,
+    "dropless": (BASE, 768, 0, 0),
+    "capacity-3.5-swiglu-bias": (
+        replace(BASE, capacity_factor=3.5, min_capacity=1, activation="swiglu", bias=True),
+        768,
         0,
         5,
     ),
-    "replicas": (BASE, 256, 1, 3),
-    "global-batch-aux": (replace(BASE, aux_loss_scope="global_batch", aux_loss_coef=1.0), 256, 0, 0),
-    "top3-recompute": (replace(BASE, top_k=3), 200, 0, 7),
+    "replicas": (BASE, 768, 1, 3),
+    "global-batch-aux": (replace(BASE, aux_loss_scope="global_batch", aux_loss_coef=1.0), 768, 0, 0),
+    "top3-recompute": (replace(BASE, top_k=3), 1400, 0, 7),
 }
 
 
