@@ -1,10 +1,10 @@
 """Dispatchers: how routed rows reach the ranks holding their experts, and how the outputs come back.
 
-One interface, four ways of moving tokens:
+One interface, five ways of moving tokens:
 
     counts = dispatcher.exchange_counts(x, routing, check, device)   # None without a group
-    chunks, record = dispatcher.dispatch(x_TD, routing, counts)
-    y_chunks = (experts(c.x, c.rows_per_expert) for c in chunks)
+    chunks, record = dispatcher.dispatch(x_TD, routing, counts, experts)
+    y_chunks = (experts(c.x, c.rows_per_expert, c.borrowed) for c in chunks)
     out_TO = dispatcher.combine(y_chunks, record)
 
 - LocalDispatcher: no group; every expert is on this rank.
@@ -14,6 +14,12 @@ One interface, four ways of moving tokens:
 - RankDispatcher: each token travels once to each rank holding one of its
   experts, is expanded to those experts there, and their weighted outputs
   come back summed into one row.
+- BalancedDispatcher: per-assignment rows, planned per forward from the
+  gathered counts so that every rank runs at most ceil(M / P) rows; a rank
+  running a hot expert's rows borrows its weights for the forward (in the
+  same exchange), and their gradient goes home in the backward. Falls back
+  to AllToAllDispatcher where that cannot win (balance_plan.py). Only it
+  reads `experts` in dispatch (the others take it and ignore it).
 - FixedDispatcher: for decoding. C padded slots per (rank, expert), C a token
   bound every rank knows, so there is no count exchange and no host sync:
   one equal-split all-to-all each way. `for_call` picks it by itself for a
