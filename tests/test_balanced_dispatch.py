@@ -246,3 +246,30 @@ def test_a_small_or_even_call_falls_back_to_the_standard_dispatch():
         for name, w, g in zip(("output", "input grad", "aux loss"), want[:3], got[:3]):
             assert_equal(f"{name} ({num_tokens} tokens)", g, w)
         assert float(got[3].rank_rows_after) == float(got[3].rank_rows_before)
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_the_trainer_logs_the_ranks_rows_before_and_after(tmp_path):
+    """All-to-one forced routing on tiny.toml's 2 ranks: rank 0 would run every row (2.00), balanced 1.00."""
+    import json
+
+    from multirank import REPO, run_module
+
+    config = tmp_path / "tiny_balanced.toml"
+    config.write_text((REPO / "configs" / "tiny.toml").read_text() + '\n[execution]\ndispatch = "balanced"\n')
+    out = tmp_path / "run"
+    done = run_module(
+        2,
+        *("-m", "benchmarks.train_forced", "--routing", "one", "--config", str(config)),
+        *("train.steps=2", "train.log_every=1", "train.eval_every=100", "train.checkpoint_every=0"),
+        f"train.out_dir={out}",
+    )
+    assert done.stdout.decode().count("ranks 2.00->1.00") == 2
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [
+        (row["rank_rows_max_over_mean_before"], row["rank_rows_max_over_mean_after"]) for row in rows
+    ] == [
+        (2.0, 1.0),
+        (2.0, 1.0),
+    ]
