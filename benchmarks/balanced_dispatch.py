@@ -208,11 +208,13 @@ def main(argv: list[str]) -> int:
         *(["--always-balance"] if args.always_balance else []),
     ]
     results = []
+    load_start = os.getloadavg()[0]
     for world in worlds:
         extra = ["--calibrate"] if world == worlds[0] else []
         module = ["benchmarks.balanced_dispatch", "--worker", *extra, *passed]
         results.append(torchrun_result(world, module, f"balanced dispatch benchmark, {world} ranks"))
     info = {**machine(), "torch": torch.__version__, "threads_per_rank": 1, "args": passed}
+    info["load_average_1min"] = [load_start, os.getloadavg()[0]]  # at the start and the end
     args.json.write_text(json.dumps({"machine": info, "results": results}, indent=1) + "\n")
     print(json.dumps(info))
     print(f"calibration: {results[0]['calibration']}")
