@@ -428,12 +428,15 @@ def instrumented_step(layer: ep.MoELayer, x_TD: torch.Tensor, upstream_TO: torch
         with tape.clock("all-to-all", barrier=True):
             counts = dispatcher.exchange_counts(x, routing, good, device)
         with tape.clock("permutation", barrier=True):
-            chunks, record = dispatcher.dispatch(rows_TD, routing, counts)
+            chunks, record = dispatcher.dispatch(rows_TD, routing, counts, layer.experts)
             chunks = list(chunks)  # waits for every chunk's rows
         arrived = tape.cut("permutation", *[chunk.x for chunk in chunks])
         arrived = arrived if isinstance(arrived, tuple) else (arrived,)
         with tape.clock("experts"):
-            y_chunks = [layer.experts(x_SD, chunk.rows_per_expert) for x_SD, chunk in zip(arrived, chunks)]
+            y_chunks = [
+                layer.experts(x_SD, chunk.rows_per_expert, chunk.borrowed)
+                for x_SD, chunk in zip(arrived, chunks)
+            ]
         y_chunks = tape.cut("experts", *y_chunks)
         with tape.clock("combine", barrier=True):
             out_TO = dispatcher.combine(y_chunks if isinstance(y_chunks, tuple) else (y_chunks,), record)

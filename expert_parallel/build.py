@@ -53,6 +53,10 @@ def build_model(
         raise ValueError("parallel.fsdp = true needs more than one rank (launch with torchrun)")
     if param_dtype is not None and not fsdp:
         raise ValueError("build_model: param_dtype is FSDP's mixed precision; without fsdp use autocast")
+    if fsdp and execution is not None and execution.dispatch == "balanced":
+        # NOTE: the dispatch lends the experts' weights before their forward, where FSDP still
+        # holds them sharded; not supported yet.
+        raise ValueError("execution.dispatch = 'balanced' does not run with parallel.fsdp = true yet")
     with torch.device("meta"):
         model = Transformer(config, execution)
     # Load statistics (global-batch aux loss, selection bias) are summed over every rank.

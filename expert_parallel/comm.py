@@ -111,6 +111,51 @@ def all_to_all(
     return _AllToAll.apply(x, output_splits, input_splits, group, what, clock or ExchangeClock())
 
 
+class _AllToAllMany(torch.autograd.Function):
+    """Several all_to_all_single exchanges as one autograd node: forward in order, backward in order.
+
+    NOTE: one node, so that every rank runs the backward's exchanges at the
+    same point and in the same order, even a rank none of whose outputs but
+    the first reaches the loss (its other gradients are zeros then).
+    """
+
+    @staticmethod
+    def forward(ctx, splits: tuple, group, what: str, clock: ExchangeClock, *tensors: Tensor):
+        ctx.splits, ctx.group, ctx.what, ctx.clock = splits, group, what, clock
+        outs = []
+        for x, (output_splits, input_splits) in zip(tensors, splits):
+            out = x.new_empty((sum(output_splits), *x.shape[1:]))
+            with _naming_failures(f"MoE all-to-all ({what}, forward)", group), clock.timing():
+                dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group)
+            outs.append(out)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grad_outs: Tensor):
+        grads = []
+        for grad_out, (output_splits, input_splits) in zip(grad_outs, ctx.splits):
+            grad_in = grad_out.new_empty((sum(input_splits), *grad_out.shape[1:]))
+            with _naming_failures(f"MoE all-to-all ({ctx.what}, backward)", ctx.group), ctx.clock.timing():
+                dist.all_to_all_single(
+                    grad_in, grad_out.contiguous(), input_splits, output_splits, group=ctx.group
+                )
+            grads.append(grad_in)
+        return None, None, None, None, *grads
+
+
+def all_to_all_many(
+    exchanges: list[tuple[Tensor, list[int], list[int]]],
+    group,
+    what: str = "tokens",
+    clock: ExchangeClock | None = None,
+) -> tuple[Tensor, ...]:
+    """`all_to_all` of each (x, output_splits, input_splits), one after the other, as one autograd node:
+    its backward runs the reverse exchanges in the same order on every rank."""
+    splits = tuple((list(out), list(inp)) for _, out, inp in exchanges)
+    tensors = [x for x, _, _ in exchanges]
+    return _AllToAllMany.apply(splits, group, what, clock or ExchangeClock(), *tensors)
+
+
 class Exchange:
     """An all-to-all in flight, between `start_all_to_all` and `finish_all_to_all`, in both directions.
 

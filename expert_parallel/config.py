@@ -20,7 +20,7 @@ ACTIVATIONS = ("relu", "gelu", "silu", "swiglu")
 EXPERT_ACTIVATIONS = (*ACTIVATIONS, "clamped_swiglu")
 GATED_ACTIVATIONS = ("swiglu", "clamped_swiglu")  # with a second input projection w3
 AUX_LOSS_SCOPES = ("micro_batch", "global_batch", "sequence")
-DISPATCH_MODES = ("per_assignment", "once_per_rank", "fixed")
+DISPATCH_MODES = ("per_assignment", "once_per_rank", "fixed", "balanced")
 GEMMS = ("auto", "loop", "grouped_mm")
 
 
@@ -254,7 +254,12 @@ class ExecutionConfig:
         or "fixed" (for decoding: C padded slots per (rank, expert), C a token
         bound every rank knows, so no count exchange and no host sync: one
         equal-split all-to-all each way; C = the forward's `tokens_per_rank`,
-        else its own token count, which must then be equal on every rank).
+        else its own token count, which must then be equal on every rank),
+        or "balanced" (per_assignment rows, but planned from the gathered
+        counts so that every rank runs at most ceil(M / P) of the call's M
+        rows: a hot expert's rows run on idle ranks, which borrow its weights
+        for the forward and send its gradient home; it falls back to
+        per_assignment by itself where that cannot win, balance_plan.py).
         All give the same outputs and gradients (to rounding); see
         docs/dispatch.md for which is faster where. Under "per_assignment" or
         "once_per_rank" the layer picks "fixed" by itself for an eval forward

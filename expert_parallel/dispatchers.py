@@ -1,10 +1,10 @@
 """Dispatchers: how routed rows reach the ranks holding their experts, and how the outputs come back.
 
-One interface, four ways of moving tokens:
+One interface, five ways of moving tokens:
 
     counts = dispatcher.exchange_counts(x, routing, check, device)   # None without a group
-    chunks, record = dispatcher.dispatch(x_TD, routing, counts)
-    y_chunks = (experts(c.x, c.rows_per_expert) for c in chunks)
+    chunks, record = dispatcher.dispatch(x_TD, routing, counts, experts)
+    y_chunks = (experts(c.x, c.rows_per_expert, c.borrowed) for c in chunks)
     out_TO = dispatcher.combine(y_chunks, record)
 
 - LocalDispatcher: no group; every expert is on this rank.
@@ -14,6 +14,12 @@ One interface, four ways of moving tokens:
 - RankDispatcher: each token travels once to each rank holding one of its
   experts, is expanded to those experts there, and their weighted outputs
   come back summed into one row.
+- BalancedDispatcher: per-assignment rows, planned per forward from the
+  gathered counts so that every rank runs at most ceil(M / P) rows; a rank
+  running a hot expert's rows borrows its weights for the forward (in the
+  same exchange), and their gradient goes home in the backward. Falls back
+  to AllToAllDispatcher where that cannot win (balance_plan.py). Only it
+  reads `experts` in dispatch (the others take it and ignore it).
 - FixedDispatcher: for decoding. C padded slots per (rank, expert), C a token
   bound every rank knows, so there is no count exchange and no host sync:
   one equal-split all-to-all each way. `for_call` picks it by itself for a
@@ -45,11 +51,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from . import comm
+from .balance_plan import BalancePlan, max_over_mean, plan_balance, worth_balancing
 from .checks import InputCheck
 from .config import ExecutionConfig
 from .permutation import (
@@ -66,6 +74,7 @@ from .permutation import (
     plan_dispatch,
     plan_padded,
     plan_rank_dispatch,
+    sort_by_id,
     source_to_expert_order,
     sum_rows,
     weighted_sum,
@@ -106,6 +115,28 @@ class ExpertRows:
 
     x: Tensor
     rows_per_expert: list[int] | None
+    borrowed: tuple | None = None  # balanced dispatch: lent experts' (w1, b1, w3, b3, w2, b2) [b, ...]
+
+
+class RankRows(NamedTuple):
+    """How even one forward left the ranks' work: the busiest rank's expert rows over the mean rows
+    per rank, as the experts' owners would run them (before) and as they ran (after), and whether
+    the balanced dispatch moved any. NaN where no counts were exchanged (the fixed dispatch)."""
+
+    before: float
+    after: float
+    balanced: bool
+
+
+ONE_RANK = RankRows(1.0, 1.0, False)
+
+
+def rank_rows(rows_PE: list[list[int]], num_local_experts: int) -> RankRows:
+    """RankRows of the standard dispatch: each rank runs its own experts' rows."""
+    load_E = [sum(column) for column in zip(*rows_PE)]
+    e = num_local_experts
+    ratio = max_over_mean([sum(load_E[d * e : (d + 1) * e]) for d in range(len(rows_PE))])
+    return RankRows(ratio, ratio, False)
 
 
 @dataclass(frozen=True)
@@ -142,7 +173,9 @@ class LocalDispatcher:
         check.raise_if_bad(self.where)
         return None
 
-    def dispatch(self, x_TD: Tensor, routing: Routing, counts: None) -> tuple[list[ExpertRows], _LocalRecord]:
+    def dispatch(
+        self, x_TD: Tensor, routing: Routing, counts: None, experts=None
+    ) -> tuple[list[ExpertRows], _LocalRecord]:
         physical = self.layout.physical(routing)
         if torch.compiler.is_compiling() and routing.capacity is not None:
             padded = plan_padded(physical, routing.capacity)
@@ -168,6 +201,7 @@ class _LocalRecord:
     plan: DispatchPlan | None
     padded: PaddedPlan | None
     rows_sent_away: int = 0
+    rank_rows: RankRows = ONE_RANK
 
 
 class _GroupDispatcher:
@@ -234,7 +268,7 @@ class AllToAllDispatcher(_GroupDispatcher):
     """
 
     def dispatch(
-        self, x_TD: Tensor, routing: Routing, counts: GroupCounts
+        self, x_TD: Tensor, routing: Routing, counts: GroupCounts, experts=None
     ) -> tuple[Iterator[ExpertRows], _AllToAllRecord]:
         layout = self.layout
         size, e, first = layout.size, layout.num_local_experts, layout.first_expert
@@ -258,7 +292,13 @@ class AllToAllDispatcher(_GroupDispatcher):
             for x_cD, c in zip(x_parts, chunks)
         ]
         rows_to_self = sum(c.send[layout.rank] for c in chunks)
-        record = _AllToAllRecord(routing.weights, plan, tuple(chunks), plan.num_rows - rows_to_self)
+        record = _AllToAllRecord(
+            routing.weights,
+            plan,
+            tuple(chunks),
+            plan.num_rows - rows_to_self,
+            rank_rows(counts.rows_PE, layout.num_local_experts),
+        )
         return _arrivals(chunks, arriving), record
 
     def combine(self, y_chunks: Iterable[Tensor], record: _AllToAllRecord) -> Tensor:
@@ -292,6 +332,7 @@ class _AllToAllRecord:
     plan: DispatchPlan
     chunks: tuple[_Chunk, ...]
     rows_sent_away: int
+    rank_rows: RankRows
 
 
 def _arrivals(chunks: list[_Chunk], arriving: list) -> Iterator[ExpertRows]:
@@ -317,7 +358,7 @@ class RankDispatcher(_GroupDispatcher):
         return plan_rank_dispatch(physical, self.layout.size)
 
     def dispatch(
-        self, x_TD: Tensor, routing: Routing, counts: GroupCounts
+        self, x_TD: Tensor, routing: Routing, counts: GroupCounts, experts=None
     ) -> tuple[list[ExpertRows], _RankRecord]:
         layout, tag = self.layout, self.clock
         plan = counts.rank_plan
@@ -329,7 +370,15 @@ class RankDispatcher(_GroupDispatcher):
         weights_SK = comm.all_to_all(weights_RK, recv, send, self.group, "weights", tag)
         experts_SK = comm.all_to_all(plan.local_expert_RK, recv, send, self.group, "ids", tag)
         row_A, slot_SK, rows_per_local_expert = expand_by_expert(experts_SK, layout.num_local_experts)
-        record = _RankRecord(plan, send, recv, weights_SK, slot_SK, plan.num_rows - send[layout.rank])
+        record = _RankRecord(
+            plan,
+            send,
+            recv,
+            weights_SK,
+            slot_SK,
+            plan.num_rows - send[layout.rank],
+            rank_rows(counts.rows_PE, layout.num_local_experts),
+        )
         return [ExpertRows(x_SD.index_select(0, row_A), rows_per_local_expert)], record
 
     def combine(self, y_chunks: Iterable[Tensor], record: _RankRecord) -> Tensor:
@@ -347,6 +396,131 @@ class _RankRecord:
     weights_SK: Tensor
     slot_SK: Tensor
     rows_sent_away: int
+    rank_rows: RankRows
+
+
+class BalancedDispatcher(AllToAllDispatcher):
+    """Balanced per forward: every rank runs at most ceil(M / P) of the call's M rows (balance_plan.py).
+
+    From the gathered counts every rank makes the same BalancePlan: rows of a
+    hot expert may run on any rank, which borrows that expert's weights for
+    this forward. One exchange carries both, the rows (split by the plan)
+    and the lent experts' weights (comm.all_to_all_many); its backward
+    brings the rows' gradients back and the copies' weight gradients home,
+    where index_select's backward sums them into the owner's gradient: the
+    owner's .grad is the whole gradient, the optimizer state never moves.
+    The outputs come back through one all-to-all, as in the standard dispatch.
+
+    Falls back to the standard all-to-all dispatch (this class's parent)
+    when balance_plan.worth_balancing says the plan cannot win: near-even
+    loads, or calls too small to pay for the weights. Every rank decides alike.
+    """
+
+    def dispatch(
+        self, x_TD: Tensor, routing: Routing, counts: GroupCounts, experts=None
+    ) -> tuple[Iterator[ExpertRows] | list[ExpertRows], _AllToAllRecord | _BalancedRecord]:
+        layout = self.layout
+        size, e, rank = layout.size, layout.num_local_experts, layout.rank
+        balance = plan_balance(counts.rows_PE, e)
+        if not worth_balancing(balance, e):
+            chunks, record = super().dispatch(x_TD, routing, counts)
+            before = max_over_mean(balance.rows_before)
+            return chunks, replace(record, rank_rows=RankRows(before, before, False))
+        if experts is None:
+            raise ValueError(f"{self.where}: the balanced dispatch needs the local experts to lend them")
+        offsets = balance.unit_offsets()
+        plan = plan_dispatch(_to_units(layout.physical(routing), balance, rank))
+        send = [sum(balance.rows_PU[rank][offsets[d] : offsets[d + 1]]) for d in range(size)]
+        rows_from_Pu = [row[offsets[rank] : offsets[rank + 1]] for row in balance.rows_PU]
+        recv = [sum(row) for row in rows_from_Pu]
+        rows_per_unit = [sum(column) for column in zip(*rows_from_Pu)]
+        # Lent weights: this rank's experts for each borrower (by borrower, then expert), one
+        # flat [W] row per copy; a borrower receives its borrowed experts in ascending id.
+        lent = balance.lent(e)[rank]
+        weight_send = [sum(1 for d, _ in lent if d == p) for p in range(size)]
+        weight_recv = [sum(1 for g in balance.borrowed[rank] if g // e == p) for p in range(size)]
+        local_weights = experts.weights()
+        lent_j = torch.tensor([j for _, j in lent], dtype=torch.long, device=x_TD.device)
+        present = [w for w in local_weights if w is not None]
+        w_send_nW = torch.cat([w.index_select(0, lent_j).flatten(1) for w in present], dim=1)
+        x_SD, w_recv_bW = comm.all_to_all_many(
+            [(permute(x_TD, plan), recv, send), (w_send_nW, weight_recv, weight_send)],
+            self.group,
+            "balanced dispatch",
+            self.clock,
+        )
+        order = None
+        if len(rows_per_unit) > 1:  # received source-major; the GEMMs want each unit's rows together
+            by_unit_S = source_to_expert_order(rows_from_Pu, x_TD.device)
+            order = (by_unit_S, inverse_permutation(by_unit_S))
+            x_SD = permute_rows(x_SD, by_unit_S, order[1])
+        borrowed = None
+        if balance.borrowed[rank]:
+            parts = iter(w_recv_bW.split([w[0].numel() for w in present], dim=1))
+            num_borrowed = w_recv_bW.shape[0]
+            borrowed = tuple(
+                None if w is None else next(parts).view(num_borrowed, *w.shape[1:]) for w in local_weights
+            )
+        rank_rows_ = RankRows(max_over_mean(balance.rows_before), max_over_mean(balance.rows_after), True)
+        record = _BalancedRecord(
+            routing.weights, plan, send, recv, order, plan.num_rows - send[rank], rank_rows_
+        )
+        return [ExpertRows(x_SD, rows_per_unit, borrowed)], record
+
+    def combine(self, y_chunks: Iterable[Tensor], record: _AllToAllRecord | _BalancedRecord) -> Tensor:
+        if isinstance(record, _AllToAllRecord):
+            return super().combine(y_chunks, record)
+        (y_SO,) = list(y_chunks)
+        if record.order is not None:
+            by_unit_S, by_source_S = record.order
+            y_SO = permute_rows(y_SO, by_source_S, by_unit_S)
+        y_RO = comm.all_to_all(y_SO, record.send, record.recv, self.group, "balanced combine", self.clock)
+        return combine(y_RO, record.weights_TK, record.plan)
+
+
+@dataclass(frozen=True)
+class _BalancedRecord:
+    weights_TK: Tensor
+    plan: DispatchPlan  # this rank's rows sorted by work unit (destination-major)
+    send: list[int]
+    recv: list[int]
+    order: tuple[Tensor, Tensor] | None  # (by_unit_S, by_source_S), as _Chunk.order
+    rows_sent_away: int
+    rank_rows: RankRows
+
+
+def _to_units(physical: Routing, balance: BalancePlan, rank: int) -> Routing:
+    """`physical` with each kept slot's expert id replaced by the work unit it runs in.
+
+    This rank's kept rows of expert g, in token order, fill g's units in unit
+    order, balance.rows_PU[rank][u] rows each: sorting by unit then groups
+    the rows by destination rank, and by unit within one (plan_dispatch).
+    Example: g's 5 rows, units 0 (3 rows) and 4 (2): rows 0-2 -> 0, 3-4 -> 4.
+    """
+    device = physical.expert_ids.device
+    rows_U = balance.rows_PU[rank]
+    unit_expert = [g for units in balance.units for g in units]
+    num_experts = physical.tokens_per_expert.numel()
+    units_of = [[] for _ in range(num_experts)]
+    for u, g in enumerate(unit_expert):
+        if rows_U[u]:
+            units_of[g].append(u)
+    piece_units = [u for units in units_of for u in units]
+    piece_rows = [rows_U[u] for u in piece_units]
+    keep_N = physical.keep.reshape(-1)
+    ids_N = torch.where(keep_N, physical.expert_ids.reshape(-1), num_experts)
+    order_N, _, _, _ = sort_by_id(ids_N, num_experts + 1)  # kept slots first, by expert, in token order
+    num_rows = sum(piece_rows)
+    unit_R = torch.repeat_interleave(
+        torch.tensor(piece_units, dtype=torch.long), torch.tensor(piece_rows, dtype=torch.long)
+    ).to(device)
+    unit_N = torch.zeros_like(ids_N)
+    unit_N[order_N[:num_rows]] = unit_R
+    return replace(
+        physical,
+        expert_ids=unit_N.view_as(physical.expert_ids),
+        tokens_per_expert=torch.tensor(rows_U, dtype=torch.long, device=device),
+    )
 
 
 @dataclass(frozen=True)
@@ -422,7 +596,7 @@ class FixedDispatcher:
         return FixedCounts(capacity)
 
     def dispatch(
-        self, x_TD: Tensor, routing: Routing, counts: FixedCounts
+        self, x_TD: Tensor, routing: Routing, counts: FixedCounts, experts=None
     ) -> tuple[list[ExpertRows], _FixedRecord]:
         size, e, capacity = self.layout.size, self.layout.num_local_experts, counts.capacity
         # Expert e' fills slots e' * C ... e' * C + C - 1; experts are numbered rank-major, so
@@ -451,6 +625,7 @@ class _FixedRecord:
     plan: PaddedPlan
     splits: list[int]
     rows_sent_away: int  # padded slots: every slot for another rank travels, filled or not
+    rank_rows: RankRows = RankRows(float("nan"), float("nan"), False)  # no counts exchanged
 
 
 # NOTE: E' * C padded rows per rank and exchange. Measured on 2 gloo ranks (benchmarks.decode,
@@ -497,6 +672,8 @@ def make_dispatcher(
         return RankDispatcher(layout, execution, group, where, clock)
     if execution.dispatch == "fixed":
         return FixedDispatcher(layout, execution, group, where, clock)
+    if execution.dispatch == "balanced":
+        return BalancedDispatcher(layout, execution, group, where, clock)
     return AllToAllDispatcher(layout, execution, group, where, clock)
 
 

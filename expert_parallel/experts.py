@@ -399,17 +399,36 @@ class Experts(nn.Module):
         self.register_module("lora", None)  # a low-rank adapter on the weights: lora.ExpertLoRA
 
     def weights(self) -> tuple[Tensor | None, ...]:
-        """(w1, b1, w3, b3, w2, b2) as the experts apply them: with a LoRA adapter, W + scaling * A @ B."""
+        """(w1, b1, w3, b3, w2, b2) as the experts apply them, None where absent (the order forward's
+        `borrowed` takes): with a LoRA adapter, W + scaling * A @ B."""
         weights = (self.w1, self.b1, self.w3, self.b3, self.w2, self.b2)
         return weights if self.lora is None else self.lora.adapt(*weights)
 
-    def forward(self, x_RD: Tensor, rows_per_expert: list[int] | None) -> Tensor:
+    def forward(
+        self, x_RD: Tensor, rows_per_expert: list[int] | None, borrowed: tuple | None = None
+    ) -> Tensor:
         """y [R, O] for rows x [R, D] grouped by expert, `rows_per_expert` of them each (host ints);
-        or, with rows_per_expert None, x [e, C, D]: each expert's C rows padded (`padded`)."""
+        or, with rows_per_expert None, x [e, C, D]: each expert's C rows padded (`padded`).
+
+        `borrowed`: another rank's experts lent for this call (balanced dispatch), as
+        (w1, b1, w3, b3, w2, b2) of b stacked experts each (None where absent); then
+        rows_per_expert has e + b entries, the local experts' rows first."""
         if rows_per_expert is None:
             return self.padded(x_RD)
-        _check_groups("Experts", rows_per_expert, x_RD.shape[0], self.num_local_experts)
-        x_RD, *weights = _in_autocast_dtype(x_RD, *self.weights())
+        if borrowed is not None:
+            e = self.num_local_experts
+            local_rows = sum(rows_per_expert[:e])
+            return torch.cat(
+                [
+                    self._run(x_RD[:local_rows], rows_per_expert[:e], self.weights()),
+                    self._run(x_RD[local_rows:], rows_per_expert[e:], borrowed),
+                ]
+            )
+        return self._run(x_RD, rows_per_expert, self.weights())
+
+    def _run(self, x_RD: Tensor, rows_per_expert: list[int], weights: tuple) -> Tensor:
+        _check_groups("Experts", rows_per_expert, x_RD.shape[0], weights[0].shape[0])
+        x_RD, *weights = _in_autocast_dtype(x_RD, *weights)
         if _use_grouped_mm(x_RD, weights[0], self.gemm):
             return self.unfused(x_RD, rows_per_expert, weights)
         with torch.autocast(x_RD.device.type, enabled=False):

@@ -49,6 +49,14 @@ class RoutingStats(NamedTuple):
         replayed), best first, before capacity drops; logical under a
         placement with replicas too. The record of router record and replay:
         pass them back as `forward(..., routes=)` (docs/post-training.md).
+    rank_rows_before: 0-d float, the busiest rank's expert rows over the mean
+        rows per rank of the group, for the whole group's call, as each
+        expert's owner would run them (the standard dispatch); 1 without a
+        group, NaN under the fixed dispatch (no counts are exchanged).
+    rank_rows_after: 0-d float, the same for the rows as they ran: under
+        dispatch "balanced", at most ceil(M / P) / (M / P) for M rows in all.
+    balanced: 0-d bool, whether the balanced dispatch moved rows (False where
+        it fell back to the standard dispatch, and under every other dispatch).
     """
 
     tokens_per_expert: Tensor
@@ -58,6 +66,28 @@ class RoutingStats(NamedTuple):
     capacity: int | None
     rows_sent_to_other_ranks: Tensor
     expert_ids: Tensor
+    rank_rows_before: Tensor
+    rank_rows_after: Tensor
+    balanced: Tensor
+
+
+class Traffic(NamedTuple):
+    """What one dispatch moved: rows sent to other ranks (0-d long), RankRows as 0-d tensors."""
+
+    rows_sent_away: Tensor
+    rank_rows_before: Tensor
+    rank_rows_after: Tensor
+    balanced: Tensor
+
+    @staticmethod
+    def of(record, device: torch.device) -> Traffic:
+        before, after, balanced = record.rank_rows
+        return Traffic(
+            torch.tensor(record.rows_sent_away, device=device),
+            torch.tensor(before, dtype=torch.float32, device=device),
+            torch.tensor(after, dtype=torch.float32, device=device),
+            torch.tensor(balanced, device=device),
+        )
 
 
 class MoEOutput(NamedTuple):
@@ -233,7 +263,7 @@ class MoELayer(nn.Module):
         # 1. route: each token's K experts and weights (a recompute reuses the forward's choice)
         x_TD, routing, check = self._route(x, check, plan, decision, routes)
         # 2. plan the exchange  3. dispatch  4. experts  5. combine: one eager island under compile
-        out_TO, rows_away, counts = plan.island(self._dispatch_experts_combine, check.ok)(
+        out_TO, traffic, counts = plan.island(self._dispatch_experts_combine, check.ok)(
             plan.dispatcher, x, x_TD, routing, check, decision and decision.counts
         )
         if self.shared_experts is not None:
@@ -252,8 +282,11 @@ class MoELayer(nn.Module):
             routing.keep.numel(),
             routing.num_dropped,
             routing.capacity,
-            rows_away,
+            traffic.rows_sent_away,
             routing.expert_ids,
+            traffic.rank_rows_before,
+            traffic.rank_rows_after,
+            traffic.balanced,
         )
         return MoEOutput(
             out_TO.view(*x.shape[:-1], self.config.d_out), self._aux_loss(routing, batch_choices_E), stats
@@ -261,8 +294,8 @@ class MoELayer(nn.Module):
 
     def _dispatch_experts_combine(
         self, dispatcher, x: object, x_TD: Tensor, routing: Routing, check: InputCheck, counts
-    ) -> tuple[Tensor, Tensor, object]:
-        """Steps 2-5 of forward: (out [T, O], rows sent to other ranks, the count exchange's result).
+    ) -> tuple[Tensor, Traffic, object]:
+        """Steps 2-5 of forward: (out [T, O], what travelled (Traffic), the count exchange's result).
 
         `counts`: the forward's, on a recompute (no exchange then). With weights
         on the experts' input, each (token, choice) travels as a token of its own.
@@ -279,17 +312,18 @@ class MoELayer(nn.Module):
             # wait in it (a hang). A leaf that does makes every rank run it alike.
             x_TD = x_TD.detach().requires_grad_()
         # 3. dispatch: the rows to the ranks holding their experts
-        chunks, record = dispatcher.dispatch(x_TD, routing, counts)
-        # 4. experts. NOTE: lazy where the chunks arrive one by one (the combine overlaps them);
-        # a list otherwise, since torch.compile breaks a generator's graph once more per break in it.
-        y_chunks = (self.experts(chunk.x, chunk.rows_per_expert) for chunk in chunks)
+        chunks, record = dispatcher.dispatch(x_TD, routing, counts, self.experts)
+        # 4. experts (with the balanced dispatch, also the ones this rank borrows). NOTE: lazy where the
+        # chunks arrive one by one (the combine overlaps them); a list otherwise, since torch.compile
+        # breaks a generator's graph once more per break in it.
+        y_chunks = (self.experts(chunk.x, chunk.rows_per_expert, chunk.borrowed) for chunk in chunks)
         if isinstance(chunks, list):
             y_chunks = list(y_chunks)
         # 5. combine: the outputs back, weighted and summed per token
         out_TO = dispatcher.combine(y_chunks, record)
         if scaled:
             out_TO = sum_choices(out_TO, self.config.top_k)
-        return out_TO, torch.tensor(record.rows_sent_away, device=out_TO.device), counts
+        return out_TO, Traffic.of(record, out_TO.device), counts
 
     def _route(
         self,

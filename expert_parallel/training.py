@@ -317,6 +317,7 @@ class Trainer:
         batch = data.global_batch(self.train_corpus, self.step, train.global_batch, self.seq_len, train.seed)
         mine = data.micro_batches(batch, self.rank, layout.world, train.micro_batch)
         lm_sum, aux_sum, dropped, routed = 0.0, 0.0, 0, 0
+        rank_rows = [1.0, 1.0]  # the worst call's busiest rank rows / mean, before and after balancing
         load_E = [torch.zeros(layer.config.num_experts, dtype=torch.float64) for layer in moe_layers]
         # This step's choices per expert so far, per layer (global-batch aux loss, selection bias).
         choices_E: list[torch.Tensor | None] = [None] * len(moe_layers)
@@ -330,6 +331,10 @@ class Trainer:
                 stats = moe.stats
                 load += stats.tokens_per_expert.double().cpu()
                 dropped, routed = dropped + int(stats.num_dropped), routed + stats.num_routed
+                rank_rows = [
+                    max(rank_rows[0], float(stats.rank_rows_before)),
+                    max(rank_rows[1], float(stats.rank_rows_after)),
+                ]
                 before = choices_E[i]
                 choices_E[i] = (
                     stats.choices_per_expert if before is None else before + stats.choices_per_expert
@@ -365,8 +370,8 @@ class Trainer:
             per_rank = placement.rank_load(load)
             rank_imbalance.append(float(per_rank.max() / per_rank.mean().clamp_min(1e-9)))
         self.replan(moe_layers, loads)
-        seconds, peak_rss, exchange_s = self.all_max(
-            [time.perf_counter() - started, memory.peak_rss_mib(), exchange_s]
+        seconds, peak_rss, exchange_s, *rank_rows = self.all_max(
+            [time.perf_counter() - started, memory.peak_rss_mib(), exchange_s, *rank_rows]
         )
         tokens = train.global_batch * self.seq_len
         return {
@@ -382,6 +387,10 @@ class Trainer:
             "expert_load_max_over_mean": max(imbalance, default=1.0),
             "expert_load_per_layer": imbalance,
             "rank_load_max_over_mean": max(rank_imbalance, default=1.0),
+            # Per forward (the worst of the step's layers and micro-batches): the busiest rank's
+            # rows / mean as the experts' owners would run them, and as they ran (balanced dispatch).
+            "rank_rows_max_over_mean_before": rank_rows[0],
+            "rank_rows_max_over_mean_after": rank_rows[1],
             # Per layer, each expert's share of the step's kept assignments (for expert_load.png).
             "expert_share": (loads / loads.sum(dim=1, keepdim=True).clamp_min(1e-9)).tolist(),
             "peak_rss_mib": peak_rss,  # the worst rank's
@@ -497,6 +506,7 @@ class Trainer:
             f"step {self.step:5d}/{self.config.train.steps}  loss {row['loss']:.4f}{val}  "
             f"aux {row['aux_loss']:.4f}  "
             f"dropped {row['dropped_fraction']:6.2%}  load {row['expert_load_max_over_mean']:.2f}  "
+            f"ranks {row['rank_rows_max_over_mean_before']:.2f}->{row['rank_rows_max_over_mean_after']:.2f}  "
             f"{rate:,.0f} tok/s  ETA {remaining / max(rate, 1e-9):.0f} s"
         )
 

@@ -61,6 +61,8 @@ def test_metrics_and_summary_are_written(tmp_path):
         "tokens_per_s",
         "dropped_fraction",
         "expert_load_max_over_mean",
+        "rank_rows_max_over_mean_before",
+        "rank_rows_max_over_mean_after",
         "peak_rss_mib",
     ):
         assert all(key in row for row in rows), key
@@ -68,6 +70,7 @@ def test_metrics_and_summary_are_written(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["val_loss"] > 0 and summary["tokens_per_s"] > 0
     assert run.stdout.count("step ") >= 3 and "ETA" in run.stdout  # rank 0 only prints
+    assert all(row["rank_rows_max_over_mean_after"] == row["rank_rows_max_over_mean_before"] for row in rows)
     assert run.stdout.count("done: 3 steps") == 1
     shares = rows[-1]["expert_share"]  # per layer, per expert: shares of the kept assignments
     assert len(shares) >= 1 and all(abs(sum(layer) - 1) < 1e-6 for layer in shares)
