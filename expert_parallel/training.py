@@ -33,7 +33,7 @@ import torch
 import torch._dynamo  # noqa: F401  NOTE: see below
 import torch.distributed as dist
 
-from . import checkpoint, data, expert_load, memory
+from . import checkpoint, data, expert_load, memory, upcycling
 from .allocator import keep_freed_memory
 from .build import build_model
 from .config import ExecutionConfig, check_bool, check_choice, check_int, check_real, from_section
@@ -71,6 +71,10 @@ class TrainConfig:
     # The compute dtype: "fp32", or "bf16" (FSDP's param dtype with fp32 reductions; autocast
     # without FSDP). bf16 pays only on CPUs with native bf16 (AVX512-BF16, AMX) or GPUs.
     dtype: str = "fp32"
+    # A dense run (its out_dir, or one checkpoints/step_<N>) to upcycle into this config's MoE when
+    # out_dir holds no checkpoint yet: the run continues at that checkpoint's step, with a fresh
+    # optimizer (upcycling.py, docs/post-training.md#sparse-upcycling).
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("steps", "global_batch", "micro_batch", "eval_every", "eval_batches", "log_every"):
@@ -260,6 +264,9 @@ class Trainer:
         if found is not None:
             self.step = checkpoint.load(found, self.model, self.optimizer)
             self.say(f"resumed from {found} (step {self.step})")
+        elif train.init_from is not None:
+            self.step, granularity = upcycling.load_dense(Path(train.init_from), self.model)
+            self.say(f"upcycled the dense {train.init_from} (step {self.step}, granularity {granularity})")
 
     @property
     def seq_len(self) -> int:
