@@ -247,17 +247,98 @@ def dense_checkpoint(path: Path) -> tuple[Path, ModelConfig]:
     return step_dir, ModelConfig.from_dict(json.loads(config_file.read_text())["model"])
 
 
-def load_dense(path: Path, moe: Transformer, *, exact: bool = True) -> tuple[int, int]:
+def load_dense(
+    path: Path, moe: Transformer, optimizer: torch.optim.Optimizer | None = None, *, exact: bool = True
+) -> tuple[int, int]:
     """Upcycle the dense checkpoint at `path` (`dense_checkpoint`) into `moe`, in place: (its step, g).
 
-    Each rank reads the whole dense model (under a process group every rank must call it) and
-    keeps its own part. The dense model's RNG draw is kept off the caller's generator.
+    With `optimizer` (an AdamW over `moe`'s parameters, before its first step) the dense run's AdamW
+    state comes along (`upcycle_optimizer_state`). Each rank reads the whole dense model (under a
+    process group every rank must call it) and keeps its own part. The caller's RNG state is kept:
+    the dense model's seed draw and the checkpoint's RNG state do not reach it.
     """
     step_dir, config = dense_checkpoint(path)
     granularity_of(moe.config, config)  # a mismatch fails before the read
-    with torch.random.fork_rng(devices=[]), torch.device("meta"):
-        dense = Transformer(config)
-    dense.to_empty(device="cpu")
-    dense.tie_weights()
-    step = checkpoint.load(step_dir, dense)
-    return step, upcycle(dense, moe, exact=exact)
+    with torch.random.fork_rng(devices=[]):
+        with torch.device("meta"):
+            dense = Transformer(config)
+        dense.to_empty(device="cpu")
+        dense.tie_weights()
+        dense_optimizer = None if optimizer is None else torch.optim.AdamW(dense.parameters())
+        step = checkpoint.load(step_dir, dense, dense_optimizer)
+    granularity = upcycle(dense, moe, exact=exact)
+    if optimizer is not None:
+        upcycle_optimizer_state(dense, dense_optimizer, moe, optimizer, granularity)
+    return step, granularity
+
+
+@torch.no_grad()
+def upcycle_optimizer_state(
+    dense: Transformer,
+    dense_optimizer: torch.optim.Optimizer,
+    moe: Transformer,
+    optimizer: torch.optim.Optimizer,
+    granularity: int,
+) -> None:
+    """Give `optimizer` (AdamW over `moe`, no step taken) the dense run's AdamW state, so that
+    training continues instead of restarting Adam's moments in mid-schedule.
+
+    Every tensor copied from the dense model takes its moments and step. Expert i takes the moments
+    of its shard (`expert_weights` applied to exp_avg and exp_avg_sq), times its expected share of
+    the dense gradient: its copy gets 1 / r of the tokens (r = E / g copies), and w2 also carries the
+    combine weight 1 / g, so exp_avg is scaled by 1 / r (w1, w3) or 1 / E (w2), exp_avg_sq by their
+    squares. The routers, shared experts and expert biases, which the dense model lacks, start
+    fresh. An approximation of the state the MoE would have had, not an exactness matter: the
+    first update already differs from the dense one.
+    """
+    dense_params = dict(dense.named_parameters())
+    names = {id(p): n for n, p in moe.named_parameters()}
+    layers = dict(moe.moe_layers())
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            name = names[id(param)]
+            layer_name, _, tail = name.partition(".experts.")
+            if layer_name in layers and tail in ("w1", "w2", "w3"):
+                ffn = dense.get_submodule(layer_name)
+                _expert_moments(layers[layer_name], ffn, dense_optimizer, optimizer, tail)
+                continue
+            if any(name.startswith(f"{layer}.") for layer in layers):
+                continue
+            source = dense_optimizer.state.get(dense_params[name], {})
+            if source:
+                state = optimizer.state[param]
+                state["step"] = source["step"].clone()
+                for slot in ("exp_avg", "exp_avg_sq"):
+                    state[slot] = torch.zeros_like(param)
+                    write_held(state[slot], source[slot])
+
+
+def _expert_moments(layer, ffn: DenseFFN, dense_optimizer, optimizer, which: str) -> None:
+    """The AdamW state of one stacked expert tensor from the dense FFN's (upcycle_optimizer_state)."""
+    dense_state = {
+        w: dense_optimizer.state.get(getattr(ffn, w).weight, {}) if getattr(ffn, w) is not None else {}
+        for w in ("w1", "w2", "w3")
+    }
+    if not dense_state["w1"]:
+        return
+    E = layer.config.num_experts
+    granularity = ffn.w1.weight.shape[0] // layer.config.d_hidden
+    copies = E // granularity
+    param = getattr(layer.experts, which)
+    state = optimizer.state[param]
+    state["step"] = dense_state["w1"]["step"].clone()
+    for slot, power in (("exp_avg", 1), ("exp_avg_sq", 2)):
+        share = (1 / copies) ** power  # of w1, w3; w2's is (1 / E) ** power
+        w3_DF = None if ffn.w3 is None else dense_state["w3"][slot].t() * share
+        moments_eXY = expert_weights(
+            dense_state["w1"][slot].t() * share,
+            dense_state["w2"][slot].t(),
+            w3_DF,
+            num_experts=E,
+            granularity=granularity,
+            scale=(1 / E) ** power,
+            expert_ids=layer.local_expert_ids,
+        )[which]
+        state[slot] = torch.zeros_like(param)
+        for j, values_XY in enumerate(moments_eXY):
+            write_held(state[slot], values_XY, index=j)
