@@ -34,7 +34,8 @@ they add nothing until trained.
 
 `expert_weights` and `router_rows` are the pure functions; `upcycle` writes them into an MoE
 Transformer (only this rank's experts, also under FSDP); `load_dense` reads a dense run's checkpoint
-into it (the trainer's `train.init_from`).
+into it (the trainer's `train.init_from`), and with an optimizer the dense run's AdamW state
+(`upcycle_optimizer_state`).
 """
 
 from __future__ import annotations
