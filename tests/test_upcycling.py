@@ -42,8 +42,9 @@ def moe_config(dense: ModelConfig, moe_every: int = 1, **moe) -> ModelConfig:
 
 
 def trained_dense(config: ModelConfig, seed: int = 0) -> Transformer:
-    """A dense model whose feed-forwards matter: every weight redrawn from N(0, 0.3) (a fresh init's
-    feed-forwards add too little to the logits for a 1e-5 comparison to tell a wrong upcycle)."""
+    """A dense model whose feed-forwards matter: every weight redrawn from N(0, 0.3), the norms from
+    1 + N(0, 0.3) (a fresh init's feed-forwards add too little to the logits for a 1e-5 comparison
+    to tell a wrong upcycle)."""
     torch.manual_seed(seed)
     model = Transformer(config)
     generator = torch.Generator().manual_seed(seed + 1)
