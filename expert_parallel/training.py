@@ -33,7 +33,7 @@ import torch
 import torch._dynamo  # noqa: F401  NOTE: see below
 import torch.distributed as dist
 
-from . import checkpoint, data, expert_load, memory
+from . import checkpoint, data, expert_load, memory, upcycling
 from .allocator import keep_freed_memory
 from .build import build_model
 from .config import ExecutionConfig, check_bool, check_choice, check_int, check_real, from_section
@@ -71,6 +71,12 @@ class TrainConfig:
     # The compute dtype: "fp32", or "bf16" (FSDP's param dtype with fp32 reductions; autocast
     # without FSDP). bf16 pays only on CPUs with native bf16 (AVX512-BF16, AMX) or GPUs.
     dtype: str = "fp32"
+    # A dense run (its out_dir, or one checkpoints/step_<N>) to upcycle into this config's MoE when
+    # out_dir holds no checkpoint yet: the run continues at that checkpoint's step, with the dense
+    # run's AdamW state carried over (init_optimizer = false: a fresh AdamW); upcycling.py,
+    # docs/post-training.md#sparse-upcycling.
+    init_from: str | None = None
+    init_optimizer: bool = True
 
     def __post_init__(self) -> None:
         for name in ("steps", "global_batch", "micro_batch", "eval_every", "eval_batches", "log_every"):
@@ -83,6 +89,7 @@ class TrainConfig:
             raise ValueError(f"train.lr must be > 0, got {self.lr!r}")
         check_choice("train", "compile_backend", self.compile_backend, ("inductor", "aot_eager", "eager"))
         check_choice("train", "dtype", self.dtype, ("fp32", "bf16"))
+        check_bool("train", "init_optimizer", self.init_optimizer)
 
 
 @dataclass(frozen=True)
@@ -263,6 +270,10 @@ class Trainer:
         if found is not None:
             self.step = checkpoint.load(found, self.model, self.optimizer)
             self.say(f"resumed from {found} (step {self.step})")
+        elif train.init_from is not None:
+            optimizer = self.optimizer if train.init_optimizer else None
+            self.step, granularity = upcycling.load_dense(Path(train.init_from), self.model, optimizer)
+            self.say(f"upcycled the dense {train.init_from} (step {self.step}, granularity {granularity})")
 
     @property
     def seq_len(self) -> int:
