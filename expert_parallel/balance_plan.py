@@ -49,10 +49,7 @@ class BalancePlan:
 
     def unit_offsets(self) -> list[int]:
         """[P + 1]: rank d's units are d's offset ... d + 1's offset - 1."""
-        offsets = [0]
-        for units in self.units:
-            offsets.append(offsets[-1] + len(units))
-        return offsets
+        return _offsets(self.units)
 
     def lent(self, num_local_experts: int) -> list[list[tuple[int, int]]]:
         """[P] (borrower rank, local expert index) pairs each owner sends, by borrower, then expert."""
@@ -135,9 +132,7 @@ def plan_balance(rows_PE: list[list[int]], num_local_experts: int) -> BalancePla
         sorted(g for g in range(num_experts) if g // e != d and rows_at[g].get(d)) for d in range(num_ranks)
     ]
     units = [list(range(d * e, (d + 1) * e)) + borrowed[d] for d in range(num_ranks)]
-    offsets = [0]
-    for u in units:
-        offsets.append(offsets[-1] + len(u))
+    offsets = _offsets(units)
     unit_of = {(d, g): offsets[d] + i for d in range(num_ranks) for i, g in enumerate(units[d])}
 
     # 4. which sources' rows fill each destination's share of expert g
@@ -214,3 +209,11 @@ def worth_balancing(
         moved[d] += len(sends)
     balanced = max(rows + weight_cost_rows * n for rows, n in zip(plan.rows_after, moved)) + fixed_cost_rows
     return balanced <= gain * max(plan.rows_before)
+
+
+def _offsets(units: list[list[int]]) -> list[int]:
+    """[P + 1] running sums of the ranks' unit counts."""
+    offsets = [0]
+    for ranks_units in units:
+        offsets.append(offsets[-1] + len(ranks_units))
+    return offsets

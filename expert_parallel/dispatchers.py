@@ -44,7 +44,9 @@ layer's statistics stay logical.
 Legend: T tokens, D d_model, O d_out, K choices, N = T * K slots, E' physical
 experts (P * e), e local experts, P ranks, R rows this rank sends, S rows it
 receives for its experts, A (row, expert) assignments on the expert's rank,
-C slots per (source rank, expert) under the fixed dispatch.
+C slots per (source rank, expert) under the fixed dispatch. Balanced dispatch:
+b experts borrowed by this rank, n copies it lends, W one expert's weights
+flattened, u work units (local experts, then borrowed ones).
 """
 
 from __future__ import annotations
@@ -110,7 +112,8 @@ class ExpertRows:
 
     x: [S, D] rows grouped by local expert, with rows_per_expert [e] host
     ints (0 outside the chunk); or x [e, C, D] padded slots with
-    rows_per_expert None (torch.compile's capacity path).
+    rows_per_expert None (torch.compile's capacity path). Under balanced
+    dispatch, rows_per_expert has e + b entries, the borrowed experts' last.
     """
 
     x: Tensor
@@ -423,9 +426,7 @@ class BalancedDispatcher(AllToAllDispatcher):
         size, e, rank = layout.size, layout.num_local_experts, layout.rank
         balance = plan_balance(counts.rows_PE, e)
         if not worth_balancing(balance, e):
-            chunks, record = super().dispatch(x_TD, routing, counts)
-            before = max_over_mean(balance.rows_before)
-            return chunks, replace(record, rank_rows=RankRows(before, before, False))
+            return super().dispatch(x_TD, routing, counts)  # its rank_rows: before = after
         if experts is None:
             raise ValueError(f"{self.where}: the balanced dispatch needs the local experts to lend them")
         offsets = balance.unit_offsets()
@@ -459,7 +460,10 @@ class BalancedDispatcher(AllToAllDispatcher):
             parts = iter(w_recv_bW.split([w[0].numel() for w in present], dim=1))
             num_borrowed = w_recv_bW.shape[0]
             borrowed = tuple(
-                None if w is None else next(parts).view(num_borrowed, *w.shape[1:]) for w in local_weights
+                # contiguous: a column slice of [b, W] is strided, and grouped_mm takes only
+                # contiguous weights (it would raise on this rank alone, with its peers waiting)
+                None if w is None else next(parts).reshape(num_borrowed, *w.shape[1:]).contiguous()
+                for w in local_weights
             )
         rank_rows_ = RankRows(max_over_mean(balance.rows_before), max_over_mean(balance.rows_after), True)
         record = _BalancedRecord(

@@ -87,6 +87,11 @@ class FinetuneConfig:
         for name in ("compile", "activation_checkpointing"):
             if getattr(self.train, name):
                 raise ValueError(f"train.{name} = true is not supported by launch.finetune yet")
+        if self.train.init_from:
+            raise ValueError(
+                "train.init_from (sparse upcycling) is for launch.train's models: launch.finetune "
+                "loads model.path; upcycle a Hugging Face model with launch.upcycle --hf"
+            )
         if self.lora is not None:
             for name in ("fsdp", "redundant_experts"):
                 if getattr(self.parallel, name):

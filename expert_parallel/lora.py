@@ -44,16 +44,18 @@ from __future__ import annotations
 
 import json
 import math
-import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from .config import check_int, check_real, from_section
 from .experts import Experts, uniform_
+from .hf.blocks import all_gather_experts
 from .layer import MoELayer
+from .materialize import derive_seed
 from .tensorfile import load_file, save_file
 
 TARGETS = ("experts", "attention")
@@ -114,7 +116,8 @@ class ExpertLoRA(nn.Module):
     def reset_parameters(self, logical_ids: list[int], seed: int, layer_index: int) -> None:
         """A from nn.Linear's bound, U(±1/sqrt(in)), seeded by (seed, layer, logical expert); B zero."""
         for local_id, logical_id in enumerate(logical_ids):
-            generator = torch.Generator().manual_seed(_mix(seed, layer_index, logical_id))
+            name = f"lora.moe{layer_index}.expert{logical_id}"
+            generator = torch.Generator().manual_seed(derive_seed(seed, name))
             uniform_(self.in_a, 1 / math.sqrt(self.in_a.shape[1]), generator, index=local_id)
             uniform_(self.out_a, 1 / math.sqrt(self.out_a.shape[1]), generator, index=local_id)
         self.in_b.zero_()
@@ -195,7 +198,7 @@ def add_lora(model: nn.Module, config: LoraConfig) -> list[str]:
             for child, linear in list(module.named_children()):
                 if type(linear) is nn.Linear:
                     full = _join(name, child)
-                    generator = torch.Generator().manual_seed(_mix(config.seed, zlib.crc32(full.encode())))
+                    generator = torch.Generator().manual_seed(derive_seed(config.seed, f"lora.{full}"))
                     setattr(module, child, LoraLinear(linear, config.r, config.scaling, generator))
                     adapted["attention"].append(full)
     for target, names in adapted.items():
@@ -235,18 +238,15 @@ def merge_lora(model: nn.Module) -> nn.Module:
 def save_adapter(model: nn.Module, path: str | Path, config: LoraConfig) -> Path:
     """Write the adapters to `path` (adapter_model.safetensors, adapter_config.json); returns `path`.
 
-    Every rank of the experts' group calls it: the experts' adapters are gathered
-    one tensor at a time in global expert order, and rank 0 writes. A transformers
+    Every rank of the experts' group calls it: the experts' adapters are gathered one
+    tensor at a time in global expert order, and the group's rank 0 writes (with dp
+    replicas, each replica's rank 0 writes the same bytes). A transformers
     model's file is PEFT's (the module doc); our Transformer's has its own names.
     """
-    import torch.distributed as dist
-
-    from .hf.blocks import all_gather_experts
-
     path = Path(path)
     layers = _moe_layers(model)
     group = layers[0][1].group if layers else None
-    rank = dist.get_rank(group) if group is not None else 0
+    writer = group is None or dist.get_rank(group) == 0
     peft = _is_transformers(model)
     tensors: dict[str, Tensor] = {}
     target_parameters, target_modules = set(), []
@@ -272,9 +272,7 @@ def save_adapter(model: nn.Module, path: str | Path, config: LoraConfig) -> Path
         experts = f"{PEFT_PREFIX}{block}.experts"
         block_format = model.get_submodule(block).format
         in_b = gathered["in_b"]
-        if (
-            layer.experts.w3 is not None
-        ):  # our [gate | up] columns in the block's order (GPT-OSS: interleaved)
+        if layer.experts.w3 is not None:  # [gate | up] columns in the block's order
             in_b = block_format.layout.join_pair(*in_b.split(in_b.shape[2] // 2, dim=2))
         for key, a_EIr, b_ErJ in _peft_keys(
             experts, (gathered["in_a"], in_b), (gathered["out_a"], gathered["out_b"])
@@ -290,7 +288,7 @@ def save_adapter(model: nn.Module, path: str | Path, config: LoraConfig) -> Path
             tensors[f"{prefix}.lora_A.weight"] = module.lora_A.weight.detach()
             tensors[f"{prefix}.lora_B.weight"] = module.lora_B.weight.detach()
             target_modules.append(name)
-    if rank == 0:
+    if writer:
         path.mkdir(parents=True, exist_ok=True)
         save_file(
             {k: v.contiguous() for k, v in tensors.items()}, path / WEIGHTS_FILE, metadata={"format": "pt"}
@@ -330,7 +328,9 @@ def read_config(path: str | Path) -> LoraConfig:
     targets: both expert weights of every MoE block, and linear layers of attention)."""
     record = json.loads((Path(path) / CONFIG_FILE).read_text())
     if record.get("format") == "expert_parallel":
-        return LoraConfig(r=record["r"], alpha=record["lora_alpha"], targets=tuple(record["targets"]))
+        targets = tuple(record["targets"])
+        seed = record.get("seed", 0)
+        return LoraConfig(r=record["r"], alpha=record["lora_alpha"], targets=targets, seed=seed)
     if record.get("peft_type") != "LORA":
         raise ValueError(f"{path}: not a LoRA adapter (peft_type {record.get('peft_type')!r})")
     for key, wanted in (
@@ -459,8 +459,3 @@ def _join(*names: str) -> str:
 def _is_transformers(model: nn.Module) -> bool:
     """A transformers model (hf.from_pretrained's): its adapters are written in PEFT's format."""
     return getattr(getattr(model, "config", None), "model_type", None) is not None
-
-
-def _mix(*values: int) -> int:
-    """One 63-bit seed of several integers, the same in every process."""
-    return zlib.crc32(json.dumps(values).encode()) * 2654435761 % (2**63)

@@ -168,7 +168,9 @@ def granularity_of(config: ModelConfig, dense: ModelConfig) -> int:
             f"upcycling: MoEConfig.activation={moe.activation!r} must be the dense model's "
             f"dense_activation={dense.dense_activation!r}"
         )
-    if moe.d_out != dense.d_model or dense.d_ff_dense % moe.d_hidden:
+    if moe.d_out != dense.d_model:
+        raise ValueError(f"upcycling: MoEConfig.d_out={moe.d_out} must be the dense d_model={dense.d_model}")
+    if dense.d_ff_dense % moe.d_hidden:
         raise ValueError(
             f"upcycling: MoEConfig.d_hidden={moe.d_hidden} must divide the dense model's "
             f"d_ff_dense={dense.d_ff_dense} (granularity = d_ff_dense / d_hidden)"

@@ -273,3 +273,39 @@ def test_the_trainer_logs_the_ranks_rows_before_and_after(tmp_path):
         (2.0, 1.0),
         (2.0, 1.0),
     ]
+
+
+@on_ranks(2)
+def test_a_rank_borrowing_two_experts_runs_them_through_grouped_mm_with_lora_adapters():
+    """Rank 0 owns experts 0-3 and every row: it lends two (0 and 1) to rank 1. The borrowed weights
+    arrive as contiguous stacks (grouped_mm takes no other), and LoRA adapters on the experts (lent
+    as W + s·A@B) get the standard dispatch's gradients."""
+    from expert_parallel import lora
+
+    rank = dist.get_rank()
+    layers = []
+    for dispatch in ("per_assignment", "balanced"):
+        torch.manual_seed(3)
+        layer = ep.MoELayer(
+            BASE, dist.group.WORLD, execution=ep.ExecutionConfig(dispatch=dispatch, gemm="grouped_mm")
+        )
+        lora.add_lora(layer, lora.LoraConfig(r=2, alpha=4.0))
+        with torch.no_grad():  # B is zero at the start: make the adapters matter
+            for name, param in layer.experts.lora.named_parameters():
+                if name.endswith("_b"):
+                    param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(rank)))
+        layers.append(layer)
+    gen = torch.Generator().manual_seed(7 + rank)
+    x = torch.randn(768, BASE.d_model, generator=gen)
+    upstream = torch.randn(768, BASE.d_out, generator=gen)
+    pairs = torch.tensor([[0, 1], [2, 3]])
+    for layer in layers:
+        layer.forced_expert_ids = pairs[torch.arange(768) % 2]
+    (want, want_grad, _, _), (got, got_grad, _, stats) = (step(layer, x, upstream) for layer in layers)
+    assert bool(stats.balanced) and float(stats.rank_rows_after) == 1.0
+    assert_close("output", got, want, TOL)
+    assert_close("input grad", got_grad, want_grad, TOL)
+    for (name, p_w), p_g in zip(layers[0].named_parameters(), layers[1].parameters()):
+        assert (p_g.grad is None) == (p_w.grad is None) == (not p_w.requires_grad), name
+        if p_w.requires_grad:
+            assert_close(f"grad {name}", p_g.grad, p_w.grad, TOL)
