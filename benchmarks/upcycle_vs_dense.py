@@ -34,16 +34,23 @@ def first_loss(out_dir: Path, step: int) -> float:
     return next(row["loss"] for row in rows if row["step"] == step)
 
 
-def run_seed(dense: str, moe: str, seed: int, steps: int, tmp: Path) -> dict:
+def run_seed(
+    dense: str, moe: str, seed: int, steps: int, tmp: Path, moe_set: list[str], fresh: bool = True
+) -> dict:
     dense_dir, moe_dir, fresh_dir = (tmp / f"{run}_{seed}" for run in ("dense", "upcycled", "fresh"))
     both = [f"train.eval_every={steps}"]
     started = time.perf_counter()
     dense_val = train(dense, seed, 2 * steps, [*both, f"train.checkpoint_every={steps}"], dense_dir)
     dense_s = time.perf_counter() - started
     init = f"train.init_from={dense_dir / 'checkpoints' / f'step_{steps}'}"
-    moe_val = train(moe, seed, 2 * steps, [*both, init], moe_dir)
+    moe_val = train(moe, seed, 2 * steps, [*both, init, *moe_set], moe_dir)
     upcycled_s = time.perf_counter() - started - dense_s
-    fresh_val = train(moe, seed, 2 * steps, [*both, init, "train.init_optimizer=false"], fresh_dir)
+    nan = {2 * steps: float("nan")}
+    fresh_val = (
+        train(moe, seed, 2 * steps, [*both, init, *moe_set, "train.init_optimizer=false"], fresh_dir)
+        if fresh
+        else nan
+    )
     return {
         "seed": seed,
         "val_at_S": dense_val[steps],
@@ -52,7 +59,7 @@ def run_seed(dense: str, moe: str, seed: int, steps: int, tmp: Path) -> dict:
         "upcycled_fresh_adamw_val_at_2S": fresh_val[2 * steps],
         "first_loss_dense": first_loss(dense_dir, steps + 1),
         "first_loss_upcycled": first_loss(moe_dir, steps + 1),
-        "first_loss_upcycled_fresh_adamw": first_loss(fresh_dir, steps + 1),
+        "first_loss_upcycled_fresh_adamw": first_loss(fresh_dir, steps + 1) if fresh else float("nan"),
         "dense_seconds": dense_s,
         "upcycled_seconds": upcycled_s,
     }
@@ -66,6 +73,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--moe", default="tiny", help="the MoE config under configs/ to upcycle into")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--steps", type=int, default=150, help="S: steps before and after upcycling")
+    parser.add_argument(
+        "--moe-set", action="append", default=[], metavar="KEY=VALUE", help="an override of the MoE config"
+    )
+    parser.add_argument("--no-fresh", action="store_true", help="skip (c), the fresh-AdamW run")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -73,11 +84,15 @@ def main(argv: list[str]) -> int:
     started, rows = time.perf_counter(), []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in seeds:
-            rows.append(run_seed(args.dense, args.moe, seed, args.steps, Path(tmp)))
+            rows.append(
+                run_seed(args.dense, args.moe, seed, args.steps, Path(tmp), args.moe_set, not args.no_fresh)
+            )
             print(json.dumps(rows[-1]), flush=True)
     S = args.steps
     seconds = time.perf_counter() - started
-    print(f"\n{args.dense} -> {args.moe}, S = {S}: {3 * len(seeds)} runs in {seconds:.0f} s\n")
+    runs = (2 if args.no_fresh else 3) * len(seeds)
+    moe = " ".join([args.moe, *args.moe_set])
+    print(f"\n{args.dense} -> {moe}, S = {S}: {runs} runs in {seconds:.0f} s\n")
     print(
         f"| seed | val @ {S} (dense) | dense @ {2 * S} | upcycled @ {2 * S} "
         f"| upcycled, fresh AdamW @ {2 * S} | upcycled's lead "
@@ -93,7 +108,8 @@ def main(argv: list[str]) -> int:
             f"{row['first_loss_upcycled_fresh_adamw']:.6f} |"
         )
     if args.json:
-        record = {"machine": machine(), "dense": args.dense, "moe": args.moe, "steps": S, "runs": rows}
+        record = {"machine": machine(), "dense": args.dense, "moe": args.moe, "moe_set": args.moe_set}
+        record.update({"steps": S, "runs": rows})
         args.json.write_text(json.dumps(record, indent=2) + "\n")
     return 0
 
