@@ -503,3 +503,37 @@ def test_hf_models_record_and_replay(tmp_path, family):
         assert_equal("replayed ids", stack_routes(outputs, 1)[0, :-1], routes_SLK[:-1])
         assert_equal("the generation's ids", stack_routes(native, 1)[0, :-1], routes_SLK[:-1])
         assert_equal("greedy tokens", logits[0, prompt.numel() - 1 : -1].argmax(-1), new_N)
+
+
+@pytest.mark.extras
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+@on_ranks(2)
+def test_hf_replay_with_the_experts_over_2_ranks_equals_one_process(tmp_path, family):
+    """The same replayed routes give the one-process model's ids, logits and router gradient when
+    the experts are sharded over 2 ranks (each rank its own tokens)."""
+    pytest.importorskip("transformers", reason="the hf extra: pip install -e '.[hf]'")
+    from test_hf_pretrained import save_tiny
+
+    from expert_parallel.hf import HFCausalLM, from_pretrained
+
+    rank = dist.get_rank()
+    if rank == 0:
+        save_tiny(tmp_path, family)
+    dist.barrier()
+    one, two = HFCausalLM(from_pretrained(tmp_path)), HFCausalLM(from_pretrained(tmp_path, dist.group.WORLD))
+    tokens = torch.randint(0, 128, (2, 6 + rank), generator=torch.Generator().manual_seed(rank))
+    with torch.no_grad():
+        native = stack_routes(one(tokens)[1], 2)
+    routes = torch.stack(
+        [other_routes(r, 8, seed=i + 10 * rank) for i, r in enumerate(native.flatten(0, 1).unbind(1))], 1
+    ).view(native.shape)
+    results = []
+    for lm in (one, two):
+        logits, outputs = lm(tokens, routes=routes)
+        (logits.square().mean()).backward()
+        results.append((logits.detach(), stack_routes(outputs, 2), lm.moe_layers()[0][1].router.weight.grad))
+    (logits_one, ids_one, grad_one), (logits_two, ids_two, grad_two) = results
+    assert_equal("replayed ids, one process", ids_one, routes)
+    assert_equal("replayed ids, 2 ranks", ids_two, routes)
+    assert_close("logits", logits_two, logits_one, 1e-5)
+    assert_close("router gradient", grad_two, grad_one, 1e-5)
