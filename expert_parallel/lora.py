@@ -125,9 +125,8 @@ class ExpertLoRA(nn.Module):
 
     def deltas(self) -> tuple[Tensor, Tensor]:
         """(scaling * in_a @ in_b [e, D, n*H], scaling * out_a @ out_b [e, H, O])."""
-        return torch.bmm(self.in_a, self.in_b) * self.scaling, torch.bmm(
-            self.out_a, self.out_b
-        ) * self.scaling
+        delta_in_eDN = torch.bmm(self.in_a, self.in_b) * self.scaling
+        return delta_in_eDN, torch.bmm(self.out_a, self.out_b) * self.scaling
 
     def adapt(self, w1, b1, w3, b3, w2, b2) -> tuple[Tensor | None, ...]:
         delta_in_eDN, delta_out_eHO = self.deltas()
@@ -293,12 +292,6 @@ def save_adapter(model: nn.Module, path: str | Path, config: LoraConfig) -> Path
         save_file(
             {k: v.contiguous() for k, v in tensors.items()}, path / WEIGHTS_FILE, metadata={"format": "pt"}
         )
-        record = {
-            "r": config.r,
-            "lora_alpha": config.alpha,
-            "targets": list(config.targets),
-            "seed": config.seed,
-        }
         if peft:
             record = {
                 "peft_type": "LORA",
@@ -316,7 +309,13 @@ def save_adapter(model: nn.Module, path: str | Path, config: LoraConfig) -> Path
                 "target_parameters": sorted(target_parameters) or None,
             }
         else:
-            record = {"format": "expert_parallel", **record}
+            record = {
+                "format": "expert_parallel",
+                "r": config.r,
+                "lora_alpha": config.alpha,
+                "targets": list(config.targets),
+                "seed": config.seed,
+            }
         (path / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
     if group is not None:
         dist.barrier(group)

@@ -41,13 +41,13 @@ def tiny_model(seed: int = 0) -> Transformer:
     return Transformer(ModelConfig(vocab_size=40, seq_len=12, d_model=16, n_layers=2, n_heads=2, moe=MOE))
 
 
-def randomise(model, seed: int = 7) -> None:
+def randomise(model, seed: int = 7, scale: float = 0.2) -> None:
     """Trained-looking adapters: every adapter tensor (B included) random."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, param in sorted(model.named_parameters()):
             if param.requires_grad:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+                param.copy_(torch.randn(param.shape, generator=generator) * scale)
 
 
 def tokens(seed: int = 0, batch: int = 3):

@@ -23,6 +23,7 @@ transformers = pytest.importorskip("transformers", reason="the hf extra: pip ins
 peft = pytest.importorskip("peft", reason="the peft extra: pip install -e '.[peft]'")
 pytestmark = pytest.mark.extras
 
+import test_lora  # noqa: E402
 from test_hf_pretrained import save_tiny  # noqa: E402
 
 from expert_parallel import lora  # noqa: E402
@@ -33,12 +34,8 @@ CONFIG = lora.LoraConfig(r=4, alpha=8.0, targets=("experts", "attention"))
 FAMILIES = ("mixtral", "qwen3_moe", "olmoe", "gpt_oss", "llama4_text")
 
 
-def randomise(model, seed: int = 3) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, param in sorted(model.named_parameters()):
-            if param.requires_grad:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+def randomise(model) -> None:
+    test_lora.randomise(model, seed=3, scale=0.1)
 
 
 def tokens(seed: int = 0):
