@@ -22,6 +22,9 @@ backward per round (all-gathered), median over rounds. Implementations (--impls)
   (out * upstream).sum() + aux_loss.
 - floor: on each rank, one dense FFN relu(x @ w1 + b1) @ w2 + b2 over the S rows
   that rank's experts computed in the layer's forward: the GEMMs the layer cannot avoid.
+- floor_a2a: the floor with the layer's two all-to-alls around it (the same rows between
+  the same ranks, in the dtype the layer sends them: bf16 under autocast), and their
+  backward: everything an expert-parallel layer cannot avoid. Issue M's floor.
 - breakdown: (of each --dispatch mode) the layer's own parts (routing, its dispatcher's count exchange,
   dispatch and combine, its experts) called one by one, phase by phase (see
   instrumented_step and bench_tools.PhaseTape); no phase is charged for
@@ -87,6 +90,7 @@ from benchmarks.bench_tools import (
 )
 from expert_parallel.allocator import keep_freed_memory, return_freed_memory, trim
 from expert_parallel.checks import InputCheck
+from expert_parallel.comm import all_to_all
 from expert_parallel.config import DISPATCH_MODES
 from expert_parallel.lifecycle import shutdown_after
 from expert_parallel.plan import plan_call
@@ -94,7 +98,7 @@ from expert_parallel.plan import plan_call
 PHASES = bench_peers.PHASES
 COMPILE_BACKENDS = ("inductor", "aot_eager")
 MALLOC_MODES = ("default", "tuned")
-IMPLS = ("layer", "floor", "breakdown", "fairscale", "loop")
+IMPLS = ("layer", "floor", "floor_a2a", "breakdown", "fairscale", "loop")
 QUICK = {"tokens": [256], "d_model": 64, "d_hidden": 128, "steps": 2, "warmup": 1}
 # bf16 GEMMs run about 13x slower than fp32 on an AVX2-only CPU (benchmarks.bench_gemm): smaller defaults.
 BF16_SIZES = {"tokens": [1024], "d_model": 256, "d_hidden": 1024}
@@ -105,6 +109,8 @@ GOALS = {
     "layer / floor": 1.05,
     "layer / floor (cpu)": 1.05,
     "bf16 layer / bf16 floor": 1.10,
+    "layer / floor_a2a": 1.05,
+    "bf16 layer / bf16 floor_a2a": 1.10,
 }
 
 
@@ -403,6 +409,49 @@ def floor_step(num_rows: int, config: ep.MoEConfig, generator: torch.Generator, 
     return timed_step(forward, drop=(w1_DH, b1_H, w2_HO, b2_O, x_SD))
 
 
+def rows_sent_per_rank(layer: ep.MoELayer, stats: ep.RoutingStats) -> list[int]:
+    """The rows this rank's dispatch sent to each rank (itself included) in the forward of `stats`:
+    its kept assignments per expert, summed over each rank's experts (contiguous placement)."""
+    size = dist.get_world_size()
+    if layer.num_local_experts * size != layer.config.num_experts or layer.placement is not None:
+        raise ValueError("floor_a2a: needs the contiguous placement, e experts on every rank, no replicas")
+    return stats.tokens_per_expert.view(size, layer.num_local_experts).sum(dim=1).tolist()
+
+
+def floor_a2a_step(
+    send_rows: list[int], config: ep.MoEConfig, generator: torch.Generator, bf16: bool = False
+):
+    """The floor's FFN over the rows this rank receives, between the layer's two all-to-alls:
+    `send_rows[r]` rows of D go to rank r, the FFN runs over what arrives, its S rows of O go back.
+
+    The rows start (and travel) in bf16 with `bf16`, as the layer's do under autocast; the
+    backward runs the two reverse exchanges, as the layer's does.
+    """
+    counts = torch.tensor(send_rows)
+    received = torch.empty_like(counts)
+    dist.all_to_all_single(received, counts)
+    recv_rows = received.tolist()
+    d, h, o = config.d_model, config.d_hidden, config.d_out
+    dtype = torch.bfloat16 if bf16 else torch.float32
+
+    def param(*shape: int, dtype=torch.float32) -> torch.Tensor:
+        return (torch.randn(*shape, generator=generator) * d**-0.5).to(dtype).requires_grad_()
+
+    w1_DH, b1_H, w2_HO, b2_O = param(d, h), param(h), param(h, o), param(o)
+    x_RD = param(sum(send_rows), d, dtype=dtype)
+    upstream_RO = torch.randn(sum(send_rows), o, generator=generator)
+
+    def forward() -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            x_SD = all_to_all(x_RD, recv_rows, send_rows, dist.group.WORLD, "floor dispatch")
+            h_SH = torch.relu(torch.addmm(b1_H, x_SD, w1_DH))
+            y_SO = torch.addmm(b2_O, h_SH, w2_HO)
+            y_RO = all_to_all(y_SO, send_rows, recv_rows, dist.group.WORLD, "floor combine")
+            return (y_RO.float() * upstream_RO).sum()
+
+    return timed_step(forward, drop=(w1_DH, b1_H, w2_HO, b2_O, x_RD))
+
+
 def instrumented_step(layer: ep.MoELayer, x_TD: torch.Tensor, upstream_TO: torch.Tensor):
     """Phase by phase through the layer's own parts: seconds per "<phase> fwd|bwd".
 
@@ -561,6 +610,9 @@ def run_case(args: argparse.Namespace, tokens: int, experts: int, hidden: int, t
                 settings[name]["variants"].append(" compiled")
         if "floor" in args.impls:
             steps[f"floor {name}"] = floor_step(rows_here, config, generator)
+        send_rows = rows_sent_per_rank(layer, last["stats"]) if "floor_a2a" in args.impls else None
+        if send_rows is not None:
+            steps[f"floor_a2a {name}"] = floor_a2a_step(send_rows, config, generator)
         if "breakdown" in args.impls:
             # Every dispatch mode's breakdown (where modes vary); otherwise the layer of record's.
             for suffix, variant in layers.items() if len(args.dispatch) > 1 else [("", layer)]:
@@ -569,6 +621,8 @@ def run_case(args: argparse.Namespace, tokens: int, experts: int, hidden: int, t
             settings[name]["bf16_vs_fp32"] = bf16_difference(layer, x_TD, upstream_TO)
             steps[f"layer {name} bf16"] = layer_step(layer, x_TD, upstream_TO, bf16=True)
             steps[f"floor {name} bf16"] = floor_step(rows_here, config, generator, bf16=True)
+            if send_rows is not None:
+                steps[f"floor_a2a {name} bf16"] = floor_a2a_step(send_rows, config, generator, bf16=True)
     if "fairscale" in args.impls:
         why_not = bench_peers.fairscale_missing()
         need = bench_peers.fairscale_dense_bytes(tokens, experts) * size
@@ -722,6 +776,12 @@ def setting_outcome(args, name: str, setting: dict, results: dict, tokens: int, 
         outcome["layer / floor (cpu)"] = lay["ms"]["cpu"] / flo["ms"]["cpu"]
         paired = [a / b for a, b in zip(lay["per_round_cpu_ms"], flo["per_round_cpu_ms"])]
         outcome["layer / floor (cpu) per round"] = paired
+    for suffix in ("", " bf16"):
+        lay_here, flo = results.get(f"layer {name}{suffix}"), results.get(f"floor_a2a {name}{suffix}")
+        if lay_here and flo:
+            key = f"{'bf16 layer / bf16' if suffix else 'layer /'} floor_a2a"
+            per_round = [a / b for a, b in zip(lay_here["per_round_ms"], flo["per_round_ms"])]
+            outcome[key], outcome[f"{key} per round"] = statistics.median(per_round), per_round
     lay16, flo16 = results.get(f"layer {name} bf16"), results.get(f"floor {name} bf16")
     if lay16 and flo16:
         outcome["bf16 layer / bf16 floor"] = lay16["ms"]["total"] / flo16["ms"]["total"]
@@ -955,7 +1015,8 @@ def print_setting(name: str, outcome: dict, impls: dict) -> None:
     )
     say(f"\n== {name} ==   (ms: slowest rank per step, median over steps)")
     say(f"{'':<14} {'fwd':>9} {'bwd':>9} {'total':>9} {'% layer':>8} {'cpu':>9}")
-    for label, result in (("layer", layer), ("floor", floor)):
+    rows = [("layer", layer), ("floor", floor), ("floor_a2a", impls.get(f"floor_a2a {name}"))]
+    for label, result in rows:
         if result:
             row = result["ms"]
             say(

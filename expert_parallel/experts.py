@@ -40,11 +40,11 @@ def _check_groups(who: str, rows_per_expert: list[int], num_rows: int, num_exper
         )
 
 
-def _linear_into(out_gJ: Tensor, x_gI: Tensor, w_IJ: Tensor, b_eJ: Tensor | None, g: int) -> None:
-    if b_eJ is None:
+def _linear_into(out_gJ: Tensor, x_gI: Tensor, w_IJ: Tensor, b_J: Tensor | None) -> None:
+    if b_J is None:
         torch.mm(x_gI, w_IJ, out=out_gJ)
     else:
-        torch.addmm(b_eJ[g], x_gI, w_IJ, out=out_gJ)
+        torch.addmm(b_J, x_gI, w_IJ, out=out_gJ)
 
 
 class _LoopLinear(torch.autograd.Function):
@@ -63,7 +63,7 @@ class _LoopLinear(torch.autograd.Function):
         ctx.has_bias = b_eJ is not None
         y_RJ = x_RI.new_empty((x_RI.shape[0], w_eIJ.shape[2]))
         for g, x_gI, y_gJ in _groups(rows_per_expert, x_RI, y_RJ):
-            _linear_into(y_gJ, x_gI, w_eIJ[g], b_eJ, g)
+            _linear_into(y_gJ, x_gI, w_eIJ[g], None if b_eJ is None else b_eJ[g])
         return y_RJ
 
     @staticmethod
@@ -176,6 +176,12 @@ class Activation:
     def gated(self) -> bool:
         return self.name in GATED_ACTIVATIONS
 
+    @property
+    def output_gives_gradient(self) -> bool:
+        """Whether act's gradient can be read off act(a) as well as off a: relu's mask a > 0 is
+        act(a) > 0, so the fused MLP keeps relu(a) in place of a and recomputes nothing."""
+        return self.name == "relu"
+
     def __call__(self, a: Tensor, u: Tensor | None = None) -> Tensor:
         h = self.act(a)
         return h if u is None else h * self.lift(u)
@@ -213,8 +219,18 @@ class _ExpertMLP(torch.autograd.Function):
     live one expert at a time: the forward keeps only the pre-activations
     a [R, H] (and u [R, H] when gated), and the backward rebuilds each
     expert's act(a) and runs its gradients through [rows of g, H] buffers.
+    relu keeps h = relu(a) instead, written over a in place: its backward
+    needs only h > 0, so nothing is recomputed (the same bits either way).
     NOTE: the unfused path holds act(a), and in the backward dh and da, for
     all local experts at once: 2-4 more [R, H] tensors at the peak.
+
+    Weights in another dtype than x's (fp32 parameters under bf16 autocast)
+    are cast one expert at a time, just before its GEMMs, into one stack of
+    x's dtype that the backward reuses; each expert's weight gradient is
+    cast back into its fp32 slice as soon as it is computed. The values are
+    those of casting the whole stacks first (as the unfused path does), but
+    each cast reads and writes what the next GEMM reads while it is in
+    cache, and no gradient stack exists in both dtypes.
     """
 
     @staticmethod
@@ -223,14 +239,18 @@ class _ExpertMLP(torch.autograd.Function):
         a_RH = x_RD.new_empty((num_rows, hidden))
         u_RH = x_RD.new_empty((num_rows, hidden)) if w3_eDH is not None else None
         y_RO = x_RD.new_empty((num_rows, w2_eHO.shape[2]))
+        weights = _StacksIn(x_RD.dtype, w1_eDH, b1_eH, w3_eDH, b3_eH, w2_eHO, b2_eO)
         for g, x_gD, a_gH, y_gO, u_gH in _groups(rows_per_expert, x_RD, a_RH, y_RO, u_RH):
-            _linear_into(a_gH, x_gD, w1_eDH[g], b1_eH, g)
+            w1, b1, w3, b3, w2, b2 = weights.expert(g)
+            _linear_into(a_gH, x_gD, w1, b1)
             if u_gH is not None:
-                _linear_into(u_gH, x_gD, w3_eDH[g], b3_eH, g)
-            _linear_into(y_gO, activation(a_gH, u_gH), w2_eHO[g], b2_eO, g)
+                _linear_into(u_gH, x_gD, w3, b3)
+            h_gH = a_gH.relu_() if activation.output_gives_gradient else activation(a_gH, u_gH)
+            _linear_into(y_gO, h_gH, w2, b2)
+        w1_eDH, _, w3_eDH, _, w2_eHO, _ = weights.stacks
         ctx.save_for_backward(x_RD, a_RH, u_RH, w1_eDH, w3_eDH, w2_eHO)
         ctx.rows_per_expert, ctx.activation = rows_per_expert, activation
-        ctx.has_bias = b1_eH is not None
+        ctx.has_bias, ctx.grad_dtype = b1_eH is not None, weights.given_dtype
         return y_RO
 
     @staticmethod
@@ -247,21 +267,24 @@ class _ExpertMLP(torch.autograd.Function):
         want = dict(zip(("w1", "b1", "w3", "b3", "w2", "b2"), ctx.needs_input_grad[3:]))
         gated, bias = w3_eDH is not None, ctx.has_bias
         dx_RD = torch.empty_like(x_RD) if want_x else None
-        # Weight gradients: each expert's slice written once; experts with no rows zeroed at the end.
-        dw1 = torch.empty_like(w1_eDH) if want["w1"] else None
-        dw2 = torch.empty_like(w2_eHO) if want["w2"] else None
-        dw3 = torch.empty_like(w3_eDH) if gated and want["w3"] else None
-        db1 = dy_RO.new_empty(w1_eDH.shape[::2]) if bias and want["b1"] else None
-        db2 = dy_RO.new_empty(w2_eHO.shape[::2]) if bias and want["b2"] else None
-        db3 = dy_RO.new_empty(w1_eDH.shape[::2]) if bias and gated and want["b3"] else None
+        # Weight gradients, in the parameters' dtype: each expert's slice written once (through
+        # _Into when that dtype is not the GEMMs'); experts with no rows zeroed at the end.
+        into = _Into(ctx.grad_dtype, x_RD)
+        dw1 = into.stack(w1_eDH.shape) if want["w1"] else None
+        dw2 = into.stack(w2_eHO.shape) if want["w2"] else None
+        dw3 = into.stack(w3_eDH.shape) if gated and want["w3"] else None
+        db1 = into.stack(w1_eDH.shape[::2]) if bias and want["b1"] else None
+        db2 = into.stack(w2_eHO.shape[::2]) if bias and want["b2"] else None
+        db3 = into.stack(w1_eDH.shape[::2]) if bias and gated and want["b3"] else None
         for g, x_gD, a_gH, dy_gO, u_gH, dx_gD in _groups(rows, x_RD, a_RH, dy_RO, u_RH, dx_RD):
-            act_gH = activation.act(a_gH)
+            # NOTE: with output_gives_gradient, a_gH holds act(a) already, and act_backward reads it.
+            act_gH = a_gH if activation.output_gives_gradient else activation.act(a_gH)
             lift_gH = activation.lift(u_gH) if gated else None
             h_gH = act_gH * lift_gH if gated else act_gH
             if dw2 is not None:
-                torch.mm(h_gH.t(), dy_gO, out=dw2[g])
+                into.mm(dw2[g], h_gH.t(), dy_gO)
             if db2 is not None:
-                torch.sum(dy_gO, dim=0, out=db2[g])
+                into.sum(db2[g], dy_gO)
             dh_gH = torch.mm(dy_gO, w2_eHO[g].t())
             du_gH = None
             if gated:
@@ -269,22 +292,85 @@ class _ExpertMLP(torch.autograd.Function):
                 dh_gH = dh_gH * lift_gH
             da_gH = activation.act_backward(dh_gH, a_gH)
             if dw1 is not None:
-                torch.mm(x_gD.t(), da_gH, out=dw1[g])
+                into.mm(dw1[g], x_gD.t(), da_gH)
             if db1 is not None:
-                torch.sum(da_gH, dim=0, out=db1[g])
+                into.sum(db1[g], da_gH)
             if dw3 is not None:
-                torch.mm(x_gD.t(), du_gH, out=dw3[g])
+                into.mm(dw3[g], x_gD.t(), du_gH)
             if db3 is not None:
-                torch.sum(du_gH, dim=0, out=db3[g])
+                into.sum(db3[g], du_gH)
             if dx_gD is not None:
                 torch.mm(da_gH, w1_eDH[g].t(), out=dx_gD)
                 if gated:
                     dx_gD.addmm_(du_gH, w3_eDH[g].t())
         empty = [g for g, n in enumerate(rows) if n == 0]
-        for grad in (dw1, db1, dw3, db3, dw2, db2):
-            if grad is not None and empty:
-                grad[empty] = 0
+        for grad_stack in (dw1, db1, dw3, db3, dw2, db2):
+            if grad_stack is not None and empty:
+                grad_stack[empty] = 0
         return dx_RD, None, None, dw1, db1, dw3, db3, dw2, db2
+
+
+class _StacksIn:
+    """The experts' weight stacks in the GEMMs' dtype, cast one expert at a time as it is used.
+
+    Stacks already in that dtype are used as they are (no copy); the others are
+    cast, expert g's slices on `expert(g)`, into new stacks of that dtype (`stacks`:
+    what the backward reads; an expert with no rows keeps uninitialised slices,
+    which the backward never reads).
+    """
+
+    def __init__(self, dtype: torch.dtype, *stacks: Tensor | None):
+        self.given_dtype = next(t.dtype for t in stacks if t is not None)
+        self.given = stacks
+        self.stacks = tuple(
+            t if t is None or t.dtype == dtype else torch.empty(t.shape, dtype=dtype, device=t.device)
+            for t in stacks
+        )
+
+    def expert(self, g: int) -> tuple[Tensor | None, ...]:
+        """Expert g's (w1, b1, w3, b3, w2, b2) in the GEMMs' dtype."""
+        out = []
+        for given, stack in zip(self.given, self.stacks):
+            if stack is not None and stack is not given:
+                stack[g].copy_(given[g])
+            out.append(None if stack is None else stack[g])
+        return tuple(out)
+
+
+class _Into:
+    """Writes a gradient computed in the GEMMs' dtype into a slice of the parameters' dtype.
+
+    In the same dtype the product or sum goes straight into the slice;
+    otherwise through one scratch buffer per shape, then cast into the slice
+    (the same values as computing the whole stack and casting it after).
+    """
+
+    def __init__(self, grad_dtype: torch.dtype, like: Tensor):
+        self.grad_dtype, self.compute_dtype, self.device = grad_dtype, like.dtype, like.device
+        self.scratch: dict[tuple, Tensor] = {}
+
+    def stack(self, shape: torch.Size) -> Tensor:
+        return torch.empty(shape, dtype=self.grad_dtype, device=self.device)
+
+    def _out(self, into: Tensor) -> Tensor:
+        if self.grad_dtype == self.compute_dtype:
+            return into
+        key = tuple(into.shape)
+        if key not in self.scratch:
+            self.scratch[key] = torch.empty(key, dtype=self.compute_dtype, device=self.device)
+        return self.scratch[key]
+
+    def mm(self, into: Tensor, a: Tensor, b: Tensor) -> None:
+        out = self._out(into)
+        torch.mm(a, b, out=out)
+        if out is not into:
+            into.copy_(out)
+
+    def sum(self, into: Tensor, rows: Tensor) -> None:
+        out = self._out(into)
+        torch.sum(rows, dim=0, out=out)
+        if out is not into:
+            into.copy_(out)
 
 
 def grouped_mm_fits(x_RI: Tensor, w_eIJ: Tensor) -> bool:
@@ -428,11 +514,18 @@ class Experts(nn.Module):
 
     def _run(self, x_RD: Tensor, rows_per_expert: list[int], weights: tuple) -> Tensor:
         _check_groups("Experts", rows_per_expert, x_RD.shape[0], weights[0].shape[0])
-        x_RD, *weights = _in_autocast_dtype(x_RD, *weights)
-        if _use_grouped_mm(x_RD, weights[0], self.gemm):
-            return self.unfused(x_RD, rows_per_expert, weights)
-        with torch.autocast(x_RD.device.type, enabled=False):
-            return _ExpertMLP.apply(x_RD, rows_per_expert, self.activation, *weights)
+        (x_RD,) = _in_autocast_dtype(x_RD)
+        if self.gemm == "grouped_mm" or (
+            self.gemm == "auto" and _grouped_mm_is_faster(x_RD.device, x_RD.dtype)
+        ):
+            cast = _in_autocast_dtype(*weights)
+            if _use_grouped_mm(x_RD, cast[0], self.gemm):
+                return self.unfused(x_RD, rows_per_expert, cast)
+        # NOTE: under autocast the weights go in uncast: _ExpertMLP casts each expert's as it runs it.
+        if torch.is_autocast_enabled(x_RD.device.type) or weights[0].dtype == x_RD.dtype:
+            with torch.autocast(x_RD.device.type, enabled=False):
+                return _ExpertMLP.apply(x_RD, rows_per_expert, self.activation, *weights)
+        raise TypeError(f"Experts: rows in {x_RD.dtype}, weights in {weights[0].dtype} (outside autocast)")
 
     def unfused(self, x_RD: Tensor, rows_per_expert: list[int], weights: list | None = None) -> Tensor:
         """The same function as one grouped_linear per weight: grouped_mm's path, and the loop's

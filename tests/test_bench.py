@@ -131,13 +131,15 @@ def test_bf16_mode_reports_the_ratio_and_the_difference_against_fp32_and_the_ove
         "--capacity",
         "none",
         "--impls",
-        "layer,floor",
+        "layer,floor,floor_a2a",
         "--no-memory",
         "--chunks",
         "1,2",
     )
     text = bench(*args).stdout
     assert "bf16 layer / bf16 floor (dropless)" in text and "same experts chosen: True" in text
+    # Issue M's floor: the GEMMs between the two all-to-alls, in fp32 and in bf16.
+    assert "layer / floor_a2a (dropless)" in text and "bf16 layer / bf16 floor_a2a (dropless)" in text
     assert "overlap (ExecutionConfig.exchange_chunks" in text
     assert "dropless chunks 1 " in text and "dropless chunks 2 " in text
 

@@ -186,6 +186,59 @@ def test_one_expert_at_a_time_mlp_equals_the_unfused_loop_bitwise(activation, bi
                     assert not grad[g].any(), name
 
 
+def test_the_fused_relu_mlp_computes_relu_once_per_expert_and_never_again_in_the_backward():
+    """relu's backward needs only relu(a) > 0, so the fused MLP keeps relu(a) and recomputes
+    nothing (the other activations rebuild act(a) from a, one expert at a time)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.relus = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.relu, torch.ops.aten.relu_, torch.ops.aten.clamp_min):
+                self.relus += 1
+            return func(*args, **(kwargs or {}))
+
+    experts, rows = make_experts("relu", True), [3, 0, 5, 1]
+    x = torch.randn(9, 16, requires_grad=True)
+    with Count() as forward:
+        out = experts(x, rows)
+    with Count() as backward:
+        out.backward(torch.randn_like(out))
+    assert (forward.relus, backward.relus) == (3, 0)
+    assert experts.w1.grad is not None and not experts.w1.grad[1].any()
+
+
+@pytest.mark.parametrize("activation", ["relu", "swiglu", "clamped_swiglu"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("rows", ROW_SPLITS)
+def test_under_autocast_each_expert_cast_as_it_runs_equals_casting_whole_stacks(activation, bias, rows):
+    """Under bf16 autocast the fused MLP takes the fp32 weights, casts each expert's just before
+    its GEMMs and each weight gradient back as soon as it is computed: the same bits as a bf16
+    copy of the experts run on bf16 rows (whole stacks cast first), gradients cast to fp32."""
+    torch.manual_seed(4)
+    experts = make_experts(activation, bias)
+    x = torch.randn(sum(rows), 16)
+    upstream = torch.randn(sum(rows), 16).bfloat16()
+    experts.zero_grad(set_to_none=True)
+    x_fp32 = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = experts(x_fp32, rows)
+    out.backward(upstream)
+    copy = make_experts(activation, bias, torch.bfloat16)
+    copy.load_state_dict({name: p.bfloat16() for name, p in experts.state_dict().items()})
+    x_bf16 = x.bfloat16().requires_grad_()
+    out_bf16 = copy(x_bf16, rows)
+    out_bf16.backward(upstream)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, out_bf16)
+    assert torch.equal(x_fp32.grad, x_bf16.grad.float())
+    for (name, param), (_, bf16_param) in zip(experts.named_parameters(), copy.named_parameters()):
+        assert param.grad.dtype == torch.float32, name
+        assert torch.equal(param.grad, bf16_param.grad.float()), name
+
+
 @pytest.mark.parametrize("activation", ["relu", "gelu", "swiglu", "clamped_swiglu"])
 def test_one_expert_at_a_time_mlp_passes_gradcheck(activation):
     torch.manual_seed(2)
