@@ -403,7 +403,7 @@ def floor_step(num_rows: int, config: ep.MoEConfig, generator: torch.Generator, 
 
     def forward() -> torch.Tensor:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            h_SH = torch.relu(torch.addmm(b1_H, x_SD, w1_DH))
+            h_SH = torch.addmm(b1_H, x_SD, w1_DH).relu_()  # NOTE: in place, as the layer's experts
             return (torch.addmm(b2_O, h_SH, w2_HO) * upstream_SO).sum()
 
     return timed_step(forward, drop=(w1_DH, b1_H, w2_HO, b2_O, x_SD))
@@ -444,7 +444,7 @@ def floor_a2a_step(
     def forward() -> torch.Tensor:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             x_SD = all_to_all(x_RD, recv_rows, send_rows, dist.group.WORLD, "floor dispatch")
-            h_SH = torch.relu(torch.addmm(b1_H, x_SD, w1_DH))
+            h_SH = torch.addmm(b1_H, x_SD, w1_DH).relu_()  # NOTE: in place, as the layer's experts
             y_SO = torch.addmm(b2_O, h_SH, w2_HO)
             y_RO = all_to_all(y_SO, send_rows, recv_rows, dist.group.WORLD, "floor combine")
             return (y_RO.float() * upstream_RO).sum()

@@ -83,17 +83,52 @@ def permute(x_TD: Tensor, plan: DispatchPlan) -> Tensor:
     return _Permute.apply(x_TD, plan)
 
 
+class _Combine(torch.autograd.Function):
+    """out_t = sum_k weight_tk * y(row of slot (t, k)), with a backward that knows each row holds one slot.
+
+    The forward gathers each slot's row and runs one [1, K] x [K, O] product
+    per token. Autograd's own backward of that would write every slot's
+    gradient into a [T, K, O] tensor by a batched product, then scatter-add
+    it into a zeroed [R, O]. Here row r's gradient is its slot's weight times
+    its token's gradient, gathered: the same bits (one product each, and
+    adding it to zero changes nothing), with no [T, K, O] tensor, no zero
+    fill and no scatter. The weights' gradient is the product bmm's backward
+    runs, so it keeps its bits too.
+    """
+
+    @staticmethod
+    def forward(ctx, y_RO: Tensor, weights_TK: Tensor, plan: DispatchPlan) -> Tensor:
+        num_rows = y_RO.shape[0]
+        if num_rows < plan.num_tokens * plan.top_k:
+            y_RO = F.pad(y_RO, (0, 0, 0, 1))  # the zero row that dropped slots point at
+        slots_TKO = y_RO.index_select(0, plan.row_N).view(plan.num_tokens, plan.top_k, y_RO.shape[-1])
+        weights_T1K = weights_TK.unsqueeze(1)
+        ctx.save_for_backward(weights_T1K, slots_TKO)
+        ctx.plan = plan
+        return torch.bmm(weights_T1K, slots_TKO).squeeze(1)
+
+    @staticmethod
+    def backward(ctx, grad_TO: Tensor):
+        weights_T1K, slots_TKO = ctx.saved_tensors
+        plan = ctx.plan
+        grad_y_RO = grad_weights_TK = None
+        if ctx.needs_input_grad[0]:
+            weight_R1 = weights_T1K.reshape(-1).index_select(0, plan.slot_R).unsqueeze(1)
+            grad_y_RO = grad_TO.index_select(0, plan.token_R) * weight_R1
+        if ctx.needs_input_grad[1]:
+            grad_weights_TK = torch.bmm(grad_TO.unsqueeze(1), slots_TKO.transpose(1, 2)).squeeze(1)
+        return grad_y_RO, grad_weights_TK, None
+
+
 def combine(y_RO: Tensor, weights_TK: Tensor, plan: DispatchPlan) -> Tensor:
     """[R, O] expert outputs -> [T, O]: out_t = sum_k weight_tk * y(t, k).
 
     Each slot gathers its row (a dropped slot gathers a zero row), then one
     small [1, K] x [K, O] product per token: a gather-style combine with no
-    atomics in the forward, deterministic on every device.
+    atomics, forward or backward, deterministic on every device (_Combine).
     """
-    if plan.num_rows < plan.num_tokens * plan.top_k:
-        y_RO = F.pad(y_RO, (0, 0, 0, 1))  # the zero row that dropped slots point at
-    slots_TKO = y_RO.index_select(0, plan.row_N).view(plan.num_tokens, plan.top_k, y_RO.shape[-1])
-    return torch.bmm(weights_TK.to(y_RO.dtype).unsqueeze(1), slots_TKO).squeeze(1)
+    # NOTE: cast outside the Function, as autocast would cast bmm's operand: differentiably.
+    return _Combine.apply(y_RO, weights_TK.to(y_RO.dtype), plan)
 
 
 def scaled_assignments(x_TD: Tensor, routing: Routing) -> tuple[Tensor, Routing]:

@@ -74,6 +74,33 @@ def test_permute_then_combine_is_the_weighted_sum_of_a_per_token_loop():
     torch.testing.assert_close(out, want)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("expanded", [False, True])
+def test_combine_gradients_are_autograds_of_the_gather_and_product_bitwise(dtype, expanded):
+    """combine's backward gathers each row's gradient (its slot's weight times its token's
+    gradient) instead of autograd's batched product and scatter-add: the same bits, drops included."""
+    torch.manual_seed(5)
+    cfg = MoEConfig(d_model=8, d_hidden=8, num_experts=5, top_k=3, capacity_factor=0.7, min_capacity=0)
+    routing = route(torch.randn(40, 5), cfg)
+    plan = plan_dispatch(routing)
+    assert routing.num_dropped > 0
+    y = torch.randn(plan.num_rows, 8).to(dtype)
+    upstream = torch.randn(40, 8).to(dtype)
+    grads = []
+    for reference in (False, True):
+        y_leaf, weights_leaf = y.clone().requires_grad_(), routing.weights.clone().requires_grad_()
+        if reference:  # the gather and product, differentiated by autograd
+            padded = torch.nn.functional.pad(y_leaf, (0, 0, 0, 1))
+            slots = padded.index_select(0, plan.row_N).view(40, 3, 8)
+            out = torch.bmm(weights_leaf.to(dtype).unsqueeze(1), slots).squeeze(1)
+        else:
+            out = combine(y_leaf, weights_leaf, plan)
+        out.sum().backward() if expanded else out.backward(upstream)
+        grads.append((out.detach(), y_leaf.grad, weights_leaf.grad))
+    for ours, autograds in zip(*grads):
+        assert ours.dtype == autograds.dtype and torch.equal(ours, autograds)
+
+
 def test_permute_gradient_sums_each_tokens_slots_in_choice_order_whatever_the_row_order():
     """With K = 3 and drops, the input gradient is the slot-order sum, bitwise, for rows grouped
     by expert or by any relabelling of the experts (as exchange_chunks does)."""
