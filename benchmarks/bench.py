@@ -777,10 +777,10 @@ def setting_outcome(args, name: str, setting: dict, results: dict, tokens: int, 
         paired = [a / b for a, b in zip(lay["per_round_cpu_ms"], flo["per_round_cpu_ms"])]
         outcome["layer / floor (cpu) per round"] = paired
     for suffix in ("", " bf16"):
-        lay_here, flo = results.get(f"layer {name}{suffix}"), results.get(f"floor_a2a {name}{suffix}")
-        if lay_here and flo:
+        lay_here, exchanging = results.get(f"layer {name}{suffix}"), results.get(f"floor_a2a {name}{suffix}")
+        if lay_here and exchanging:
             key = f"{'bf16 layer / bf16' if suffix else 'layer /'} floor_a2a"
-            per_round = [a / b for a, b in zip(lay_here["per_round_ms"], flo["per_round_ms"])]
+            per_round = [a / b for a, b in zip(lay_here["per_round_ms"], exchanging["per_round_ms"])]
             outcome[key], outcome[f"{key} per round"] = statistics.median(per_round), per_round
     lay16, flo16 = results.get(f"layer {name} bf16"), results.get(f"floor {name} bf16")
     if lay16 and flo16:

@@ -192,3 +192,25 @@ def test_bad_input_is_rejected_clearly():
     nan[1, 2] = float("nan")
     with pytest.raises(ValueError, match="NaN or Inf"):
         layer(nan)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_finite_check_is_exact_though_it_reads_a_sum_first(dtype):
+    """all_finite reads one fp32 sum; a sum that overflows from finite values must not fail the
+    check, and NaN, Inf or -Inf anywhere must."""
+    from expert_parallel.checks import all_finite
+
+    big = torch.full((4, 8), torch.finfo(dtype).max, dtype=dtype)
+    overflows = not bool(torch.isfinite(big.sum(dtype=torch.float32)))
+    assert all_finite(big) and overflows == (dtype != torch.float16)  # fp16's max sums fine in fp32
+    assert all_finite(torch.randn(5, 8).to(dtype)) and all_finite(torch.empty(0, 8, dtype=dtype))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = torch.randn(5, 8).to(dtype)
+        x[3, 6] = bad
+        assert not all_finite(x), bad
+    both = torch.randn(5, 8).to(dtype)
+    both[0, 0], both[4, 7] = float("inf"), -float("inf")  # a NaN sum
+    assert not all_finite(both)
+    layer = MoELayer(MoEConfig(d_model=8, d_hidden=8, num_experts=4))
+    with pytest.raises(ValueError, match=r"NaN or Inf \(1 tokens\)"):
+        layer(torch.cat([torch.randn(2, 8), torch.full((1, 8), -float("inf"))]))
