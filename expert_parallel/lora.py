@@ -56,7 +56,7 @@ from .experts import Experts, uniform_
 from .hf.blocks import all_gather_experts
 from .layer import MoELayer
 from .materialize import derive_seed
-from .tensorfile import load_file, save_file
+from .tensorfile import load_file, save_file, write_whole
 
 TARGETS = ("experts", "attention")
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
@@ -239,7 +239,8 @@ def save_adapter(model: nn.Module, path: str | Path, config: LoraConfig) -> Path
 
     Every rank of the experts' group calls it: the experts' adapters are gathered one
     tensor at a time in global expert order, and the group's rank 0 writes (with dp
-    replicas, each replica's rank 0 writes the same bytes). A transformers
+    replicas, each replica's rank 0 writes the same bytes, each file whole, then renamed
+    into place: tensorfile.write_whole). A transformers
     model's file is PEFT's (the module doc); our Transformer's has its own names.
     """
     path = Path(path)
@@ -316,7 +317,7 @@ def save_adapter(model: nn.Module, path: str | Path, config: LoraConfig) -> Path
                 "targets": list(config.targets),
                 "seed": config.seed,
             }
-        (path / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        write_whole(path / CONFIG_FILE, [(json.dumps(record, indent=2) + "\n").encode()])
     if group is not None:
         dist.barrier(group)
     return path

@@ -98,8 +98,7 @@ class _Combine(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y_RO: Tensor, weights_TK: Tensor, plan: DispatchPlan) -> Tensor:
-        num_rows = y_RO.shape[0]
-        if num_rows < plan.num_tokens * plan.top_k:
+        if plan.num_rows < plan.num_tokens * plan.top_k:
             y_RO = F.pad(y_RO, (0, 0, 0, 1))  # the zero row that dropped slots point at
         slots_TKO = y_RO.index_select(0, plan.row_N).view(plan.num_tokens, plan.top_k, y_RO.shape[-1])
         weights_T1K = weights_TK.unsqueeze(1)
@@ -127,6 +126,8 @@ def combine(y_RO: Tensor, weights_TK: Tensor, plan: DispatchPlan) -> Tensor:
     small [1, K] x [K, O] product per token: a gather-style combine with no
     atomics, forward or backward, deterministic on every device (_Combine).
     """
+    if y_RO.shape[0] != plan.num_rows:
+        raise ValueError(f"combine: {y_RO.shape[0]} expert output rows for a plan of {plan.num_rows}")
     # NOTE: cast outside the Function, as autocast would cast bmm's operand: differentiably.
     return _Combine.apply(y_RO, weights_TK.to(y_RO.dtype), plan)
 

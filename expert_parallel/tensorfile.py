@@ -15,6 +15,7 @@ launch.generate --record-routes).
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -56,11 +57,25 @@ def save_file(tensors: dict[str, Tensor], path: str | Path, metadata: dict[str, 
         offset += len(blob)
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # safetensors pads the header to 8 bytes, so the data is aligned
-    with open(path, "wb") as file:
-        file.write(struct.pack("<Q", len(text)))
-        file.write(text)
-        for blob in blobs:
-            file.write(blob)
+    write_whole(path, [struct.pack("<Q", len(text)), text, *blobs])
+
+
+def write_whole(path: str | Path, chunks: list[bytes]) -> None:
+    """Write `chunks` to `path` so that a reader sees the old file or the whole new one, never a part.
+
+    NOTE: into a temporary file in the same directory, then renamed over `path` (atomic on POSIX).
+    With dp replicas each replica's rank 0 saves the same adapter; this way no process reads,
+    and no writer leaves, a half-written file, whichever rename lands last.
+    """
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        with open(partial, "wb") as file:
+            for chunk in chunks:
+                file.write(chunk)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def load_file(path: str | Path) -> dict[str, Tensor]:

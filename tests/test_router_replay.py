@@ -305,6 +305,31 @@ def test_the_routes_file_is_safetensors(tmp_path):
     )
 
 
+def test_a_file_is_replaced_whole_and_a_failed_write_leaves_the_old_one(tmp_path, monkeypatch):
+    """save_file writes beside the target and renames it into place: a reader sees the old file
+    or the new one, and a write that fails midway leaves the old file and no partial one."""
+    path = tmp_path / "r.safetensors"
+    tensorfile.save_file({"a": torch.zeros(3)}, path)
+    tensorfile.save_file({"a": torch.ones(4)}, path)
+    assert torch.equal(tensorfile.load_file(path)["a"], torch.ones(4))
+    real_open = open
+
+    def open_then_fail(file, mode="r", *args, **kwargs):
+        handle = real_open(file, mode, *args, **kwargs)
+        if "w" in mode:
+            handle.write(b"half")
+            handle.close()
+            raise OSError("disk full")
+        return handle
+
+    monkeypatch.setattr("builtins.open", open_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        tensorfile.save_file({"a": torch.full((5,), 2.0)}, path)
+    monkeypatch.undo()
+    assert torch.equal(tensorfile.load_file(path)["a"], torch.ones(4))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.safetensors"]
+
+
 # -- on 2 ranks -------------------------------------------------------------------------------
 
 ZIPF_E = 1.0 / torch.arange(1, 9, dtype=torch.float32)
