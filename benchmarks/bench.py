@@ -142,7 +142,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--compare", action="store_true", help="every implementation side by side")
     parser.add_argument(
-        "--impls", help=f"comma list of {IMPLS} (default layer,floor,breakdown; --compare all)"
+        "--impls", help=f"comma list of {IMPLS} (default layer,floor,floor_a2a,breakdown; --compare all)"
     )
     parser.add_argument("--skew", default="router", help=f"comma list of {SKEWS}; router = its own choice")
     parser.add_argument(
@@ -204,7 +204,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             setattr(args, key, value)
     capacity = args.capacity or ("none,1.0,1.25" if args.compare else "none,1.25")
     args.capacity = [None if c.strip().lower() == "none" else float(c) for c in capacity.split(",")]
-    impls = args.impls or (",".join(IMPLS) if args.compare else "layer,floor,breakdown")
+    impls = args.impls or (",".join(IMPLS) if args.compare else "layer,floor,floor_a2a,breakdown")
     args.impls = [name.strip() for name in impls.split(",")]
     args.skew = [name.strip() for name in args.skew.split(",")]
     for name in args.impls:
