@@ -30,9 +30,10 @@ def read_steps(out_dir) -> int:
     return steps
 
 
-@pytest.mark.parametrize("fsdp", ["false", "true"])
-def test_a_killed_worker_restarts_and_ends_where_the_uninterrupted_run_ends(tmp_path, fsdp):
-    run = (*RUN, f"parallel.fsdp={fsdp}")
+def test_a_killed_worker_restarts_and_ends_where_the_uninterrupted_run_ends(tmp_path):
+    # NOTE: under FSDP only (once also without it): the restart and the resume are the same code
+    # either way, test_train's resume test covers the plain checkpoint, and each case costs 45-60 s.
+    run = (*RUN, "parallel.fsdp=true")
     train(tmp_path / "whole", 2, "parallel.ep=2", *run)
     whole = losses(tmp_path / "whole")
 
