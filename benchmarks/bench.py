@@ -388,25 +388,41 @@ def rows_computed_here(layer: ep.MoELayer, stats: ep.RoutingStats) -> int:
     return int(load_E[layer.first_expert : layer.first_expert + layer.num_local_experts].sum())
 
 
+def dense_ffn(config: ep.MoEConfig, generator: torch.Generator):
+    """The floors' FFN: (its weights w1, b1, w2, b2, drawn in that order; relu(x @ w1 + b1) @ w2 + b2).
+
+    relu runs in place, as the layer's experts run it.
+    """
+    d, h, o = config.d_model, config.d_hidden, config.d_out
+    w1_DH, b1_H, w2_HO, b2_O = (
+        scaled_leaf(config, generator, *shape) for shape in ((d, h), (h,), (h, o), (o,))
+    )
+
+    def ffn(x_SD: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(b2_O, torch.addmm(b1_H, x_SD, w1_DH).relu_(), w2_HO)
+
+    return (w1_DH, b1_H, w2_HO, b2_O), ffn
+
+
+def scaled_leaf(config: ep.MoEConfig, generator: torch.Generator, *shape: int, dtype=torch.float32):
+    """N(0, 1 / d_model) of `shape` in `dtype`, a leaf that requires grad."""
+    return (torch.randn(*shape, generator=generator) * config.d_model**-0.5).to(dtype).requires_grad_()
+
+
 def floor_step(num_rows: int, config: ep.MoEConfig, generator: torch.Generator, bf16: bool = False):
     """One dense FFN over `num_rows` rows: a single GEMM per weight matrix, forward and backward.
 
     With `bf16`, the forward runs under bf16 autocast, as nn.Linear layers would.
     """
-    d, h, o = config.d_model, config.d_hidden, config.d_out
-
-    def param(*shape: int) -> torch.Tensor:
-        return (torch.randn(*shape, generator=generator) * d**-0.5).requires_grad_()
-
-    w1_DH, b1_H, w2_HO, b2_O, x_SD = param(d, h), param(h), param(h, o), param(o), param(num_rows, d)
-    upstream_SO = torch.randn(num_rows, o, generator=generator)
+    weights, ffn = dense_ffn(config, generator)
+    x_SD = scaled_leaf(config, generator, num_rows, config.d_model)
+    upstream_SO = torch.randn(num_rows, config.d_out, generator=generator)
 
     def forward() -> torch.Tensor:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            h_SH = torch.addmm(b1_H, x_SD, w1_DH).relu_()  # NOTE: in place, as the layer's experts
-            return (torch.addmm(b2_O, h_SH, w2_HO) * upstream_SO).sum()
+            return (ffn(x_SD) * upstream_SO).sum()
 
-    return timed_step(forward, drop=(w1_DH, b1_H, w2_HO, b2_O, x_SD))
+    return timed_step(forward, drop=(*weights, x_SD))
 
 
 def rows_sent_per_rank(layer: ep.MoELayer, stats: ep.RoutingStats) -> list[int]:
@@ -431,25 +447,19 @@ def floor_a2a_step(
     received = torch.empty_like(counts)
     dist.all_to_all_single(received, counts)
     recv_rows = received.tolist()
-    d, h, o = config.d_model, config.d_hidden, config.d_out
-    dtype = torch.bfloat16 if bf16 else torch.float32
-
-    def param(*shape: int, dtype=torch.float32) -> torch.Tensor:
-        return (torch.randn(*shape, generator=generator) * d**-0.5).to(dtype).requires_grad_()
-
-    w1_DH, b1_H, w2_HO, b2_O = param(d, h), param(h), param(h, o), param(o)
-    x_RD = param(sum(send_rows), d, dtype=dtype)
-    upstream_RO = torch.randn(sum(send_rows), o, generator=generator)
+    weights, ffn = dense_ffn(config, generator)
+    x_RD = scaled_leaf(
+        config, generator, sum(send_rows), config.d_model, dtype=torch.bfloat16 if bf16 else torch.float32
+    )
+    upstream_RO = torch.randn(sum(send_rows), config.d_out, generator=generator)
 
     def forward() -> torch.Tensor:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             x_SD = all_to_all(x_RD, recv_rows, send_rows, dist.group.WORLD, "floor dispatch")
-            h_SH = torch.addmm(b1_H, x_SD, w1_DH).relu_()  # NOTE: in place, as the layer's experts
-            y_SO = torch.addmm(b2_O, h_SH, w2_HO)
-            y_RO = all_to_all(y_SO, send_rows, recv_rows, dist.group.WORLD, "floor combine")
+            y_RO = all_to_all(ffn(x_SD), send_rows, recv_rows, dist.group.WORLD, "floor combine")
             return (y_RO.float() * upstream_RO).sum()
 
-    return timed_step(forward, drop=(w1_DH, b1_H, w2_HO, b2_O, x_RD))
+    return timed_step(forward, drop=(*weights, x_RD))
 
 
 def instrumented_step(layer: ep.MoELayer, x_TD: torch.Tensor, upstream_TO: torch.Tensor):

@@ -283,9 +283,9 @@ EXPERT_HEAVY = ("model.d_model=256", "model.n_heads=4", "moe.d_hidden=1024", "mo
 @pytest.mark.dist
 @pytest.mark.slow
 def test_building_at_ep4_allocates_only_this_ranks_parameters(tmp_path):
-    # NOTE: without FSDP only (once also with it, at dp 1, where it shards nothing more): what an
-    # FSDP build holds is tested on ranks above (the meta build's slices), and each launch of
-    # this expert-heavy model costs about 30 s.
+    # NOTE: without FSDP only (once also with it, at dp 1): what an FSDP build holds is tested on
+    # ranks above (the meta build's slices), and each launch of this expert-heavy model costs
+    # about 30 s.
     one_step = ("train.steps=1", "train.global_batch=4", "train.micro_batch=1", "train.eval_batches=1")
     train(tmp_path, 4, "parallel.ep=4", *EXPERT_HEAVY, *one_step)
     summary = json.loads((tmp_path / "summary.json").read_text())
